@@ -1,0 +1,27 @@
+# Two entry points on a fresh Debian machine with Python 3.11:
+#   make demo   - set up .venv and run the main job on the bundled model
+#   make test   - set up .venv and run the test suite
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/blockffn eval --text blockffn/bundled/heldout.txt
+	$(BIN)/blockffn generate --prompt "The President said that" --max-tokens 48 --greedy
+
+test: $(STAMP)
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,275 @@
+"""The `blockffn` command line.  Every command defaults to the bundled tiny model (`blockffn.default_model_path()`).
+
+Commands only parse flags, call into the library and print; errors the user can fix (`BlockFFNError`) become one
+line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from blockffn import __version__, default_model_path
+from blockffn.errors import BlockFFNError, CheckpointError
+
+
+def _model_dir(path: str | None) -> Path:
+    return Path(path) if path else default_model_path()
+
+
+def _echo_err(msg: str) -> None:
+    click.echo(f"error: {msg}", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="blockffn")
+def cli() -> None:
+    """BlockFFN toolchain: prepare data, train, evaluate, generate; compile with TVM for edge targets."""
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+@cli.group()
+def data() -> None:
+    """Prepare training data (tokenizer + packed token arrays)."""
+
+
+@data.command("prepare")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output data folder.")
+@click.option("--vocab-size", default=4096, show_default=True, help="BPE vocabulary size (ignored with --tokenizer).")
+@click.option("--val-fraction", default=0.02, show_default=True, help="Held-out tail of every source file.")
+@click.option("--doc-split", type=click.Choice(["blank", "line", "file"]), default="blank", show_default=True,
+              help="How plain-text files are cut into documents (.jsonl: one 'text' per line).")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(path_type=Path), default=None,
+              help="Reuse the tokenizer.json of this folder instead of training one.")
+def data_prepare(inputs, output, vocab_size, val_fraction, doc_split, tokenizer_dir) -> None:
+    """Train a byte-level BPE on INPUTS (.txt, .jsonl, optionally .xz) and write a document-packed split."""
+    from blockffn.data.prepare import prepare
+
+    meta = prepare(list(inputs), output, vocab_size, val_fraction, doc_split, tokenizer_dir, log=click.echo)
+    click.echo(f"wrote {output}: {meta['train_tokens']} train / {meta['val_tokens']} val tokens, "
+               f"vocab {meta['vocab_size']}")
+
+
+# ---------------------------------------------------------------------------------------------------------- init
+@cli.command("init")
+@click.option("--preset", required=True, help="small, medium, large, xlarge, 3b, tiny or tiny-gqa.")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path))
+@click.option("--layers", type=int, default=None, help="Override the number of layers (quick tests).")
+@click.option("--vocab-size", type=int, default=None, help="Override the vocabulary size.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="bfloat16",
+              show_default=True)
+@click.option("--shard-size-mb", type=int, default=None, help="Shard weights into files of at most this size.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(path_type=Path), default=None,
+              help="Copy tokenizer files from this folder.")
+@click.option("--overwrite", is_flag=True)
+def init_cmd(preset, output, layers, vocab_size, dtype, shard_size_mb, seed, tokenizer_dir, overwrite) -> None:
+    """Create a random-initialised model of an official shape, in the official HF checkpoint format."""
+    from blockffn.model import BlockFFNForCausalLM, preset_config, save_model
+
+    cfg = preset_config(preset, num_hidden_layers=layers, vocab_size=vocab_size)
+    model = BlockFFNForCausalLM(cfg).init_weights(seed)
+    shard = shard_size_mb * 2**20 if shard_size_mb else None
+    save_model(model, output, dtype, shard, tokenizer_dir, overwrite=overwrite)
+    click.echo(f"wrote {output}: {preset} preset, {cfg.num_hidden_layers} layers, "
+               f"{model.num_parameters() / 1e6:.1f}M parameters ({dtype})")
+
+
+# ---------------------------------------------------------------------------------------------------------- train
+@cli.command("train")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder written by `blockffn data prepare`.")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path))
+@click.option("--preset", default="tiny", show_default=True, help="Model shape (ignored when resuming).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="A config.json to train instead of a preset.")
+@click.option("--layers", type=int, default=None)
+@click.option("--steps", default=1000, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--seq-len", default=256, show_default=True)
+@click.option("--lr", default=1e-2, show_default=True, help="Peak lr (µP: matrices get lr·256/d).")
+@click.option("--mup/--no-mup", default=True, show_default=True, help="µP learning-rate scaling.")
+@click.option("--warmup-steps", default=50, show_default=True)
+@click.option("--decay-frac", default=0.2, show_default=True, help="WSD: final fraction decays the lr.")
+@click.option("--lambda-al", default=2e-3, show_default=True, help="Activation-locality weight (0 disables).")
+@click.option("--lambda-cs", default=5e-2, show_default=True, help="Initial chunk-sparsification weight λ0.")
+@click.option("--chunk-len", default=64, show_default=True, help="Chunk length of the CS loss.")
+@click.option("--cs-stable-steps", default=1000, show_default=True, help="Steps before λ_cs starts adapting.")
+@click.option("--cs-adjust-every", default=100, show_default=True, help="λ_cs adjustment period.")
+@click.option("--eval-every", default=200, show_default=True)
+@click.option("--eval-tokens", default=65536, show_default=True)
+@click.option("--save-every", default=500, show_default=True, help="Resumable checkpoint period (0: only at end).")
+@click.option("--time-budget", type=float, default=None, help="Stop after this many seconds (lr decays to it).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch threads per process.")
+@click.option("--autocast", type=click.Choice(["none", "bf16"]), default="none", show_default=True)
+def train_cmd(data_dir, output, preset, config_file, layers, steps, batch_size, seq_len, lr, mup, warmup_steps,
+              decay_frac, lambda_al, lambda_cs, chunk_len, cs_stable_steps, cs_adjust_every, eval_every, eval_tokens,
+              save_every, time_budget, seed, threads, autocast) -> None:
+    """Train a BlockFFN with LM + activation-locality + adaptive chunk-sparsification losses.
+
+    Resumes automatically from OUTPUT/checkpoint.  Scale out with `torchrun --nproc_per_node N -m blockffn.cli train`.
+    """
+    from blockffn.data.prepare import load_tokenizer
+    from blockffn.model import BlockFFNConfig, preset_config
+    from blockffn.train.trainer import TrainConfig, Trainer
+
+    tok = load_tokenizer(data_dir)
+    special = {"bos_token_id": tok.token_to_id("<|endoftext|>"), "eos_token_id": tok.token_to_id("<|endoftext|>"),
+               "pad_token_id": tok.token_to_id("<|pad|>")}
+    if config_file:
+        cfg = BlockFFNConfig.load(config_file)
+        if layers:
+            cfg = cfg.replace(num_hidden_layers=layers)
+    else:
+        cfg = preset_config(preset, num_hidden_layers=layers, vocab_size=max(tok.get_vocab_size(), 1), **special)
+    tc = TrainConfig(data_dir=str(data_dir), output_dir=str(output), steps=steps, batch_size=batch_size,
+                     seq_len=seq_len, lr=lr, mup=mup, warmup_steps=warmup_steps, decay_frac=decay_frac,
+                     lambda_al=lambda_al, lambda_cs=lambda_cs, chunk_len=chunk_len, cs_stable_steps=cs_stable_steps,
+                     cs_adjust_every=cs_adjust_every, eval_every=eval_every, eval_tokens=eval_tokens,
+                     save_every=save_every, time_budget=time_budget, seed=seed, threads=threads, autocast=autocast)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), transient=False,
+                  disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("train", total=steps, info="")
+
+        def on_step(rec):
+            bar.update(task, completed=rec["step"],
+                       info=f"lm {rec['lm']:.3f} cs {rec['cs']:.3f} λcs {rec['lambda_cs']:.3f}")
+
+        trainer = Trainer(tc, cfg, log=bar.console.print if sys.stderr.isatty() else click.echo, progress=on_step)
+        result = trainer.train()
+    if trainer.rank == 0:
+        ev = result["eval"]
+        click.echo(f"done: {result['step']} steps, {result['state']['tokens']} tokens, "
+                   f"{result['state']['elapsed']:.0f}s; val ppl {ev['ppl']:.2f}, TLS {ev['tls']:.3f}, "
+                   f"CLS8 {ev['cls']['8']:.3f}; model in {Path(output) / 'model'}")
+
+
+# ---------------------------------------------------------------------------------------------------------- eval
+@cli.command("eval")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+              help="Model folder (default: the bundled model).")
+@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path),
+              help="Text to evaluate on (.txt, .jsonl, optionally .xz).")
+@click.option("--seq-len", default=256, show_default=True)
+@click.option("--max-tokens", type=int, default=None, help="Evaluate at most this many tokens.")
+@click.option("--sparse", is_flag=True, help="Use the union-sparse FFN (same numbers up to rounding).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_cmd(model_dir, text_file, seq_len, max_tokens, sparse, as_json) -> None:
+    """Perplexity, bits per byte, TLS, CLS_s (s = 1..64) and reuse ratio on a text file."""
+    from blockffn.data.prepare import load_tokenizer, pack, read_documents
+    from blockffn.model import load_model
+    from blockffn.train.evaluate import evaluate
+
+    model_dir = _model_dir(model_dir)
+    model = load_model(model_dir, dtype="float32")
+    tok = load_tokenizer(model_dir)
+    docs = read_documents(text_file)
+    if not docs:
+        raise BlockFFNError(f"{text_file}: no text found")
+    split = pack([e.ids for e in tok.encode_batch(docs)], model.config.eos_token_id)
+    n_bytes = sum(len(d.encode()) + 1 for d in docs)
+    r = evaluate(model, split, seq_len, max_tokens, bytes_per_token=n_bytes / len(split.tokens), sparse=sparse)
+    if as_json:
+        out = {"ppl": r["ppl"], "bpb": r["bpb"], "tls": r["tls"], "cls": r["cls"], "reuse": r["reuse"],
+               "loss": r["loss"], "tokens": r["tokens"],
+               "per_layer": {k: ({s: list(map(float, v2)) for s, v2 in v.items()} if isinstance(v, dict)
+                                 else list(map(float, v))) for k, v in r["per_layer"].items()}}
+        click.echo(json.dumps(out))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    con.print(f"[bold]{model_dir}[/] on {text_file} ({r['tokens']} tokens)")
+    con.print(f"ppl {r['ppl']:.3f}   bpb {r['bpb']:.4f}   TLS {r['tls']:.4f}   reuse {r['reuse']:.4f}")
+    con.print("CLS: " + "  ".join(f"{s}:{v:.4f}" for s, v in r["cls"].items()))
+    table = Table("layer", "TLS", "CLS8", "CLS64", "reuse")
+    pl = r["per_layer"]
+    for i in range(len(pl["tls"])):
+        table.add_row(str(i), f"{pl['tls'][i]:.4f}", f"{pl['cls']['8'][i]:.4f}", f"{pl['cls']['64'][i]:.4f}",
+                      f"{pl['reuse'][i]:.4f}")
+    con.print(table)
+
+
+# ---------------------------------------------------------------------------------------------------------- generate
+@cli.command("generate")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+              help="Model folder run with PyTorch (default: the bundled model).")
+@click.option("--prompt", required=True)
+@click.option("--max-tokens", default=64, show_default=True)
+@click.option("--greedy", is_flag=True, help="Argmax decoding (overrides temperature/top-p).")
+@click.option("--temperature", default=0.8, show_default=True)
+@click.option("--top-p", default=0.95, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--sparse", is_flag=True, help="Union-sparse FFN in the PyTorch model.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"tokens": [...], "text": "...", "tok_per_s": ...}.')
+def generate_cmd(model_dir, prompt, max_tokens, greedy, temperature, top_p, seed, sparse, as_json) -> None:
+    """Generate text from a prompt."""
+    from blockffn.data.prepare import load_tokenizer
+    from blockffn.model import load_model
+    from blockffn.model.generate import SamplingParams, generate
+
+    if max_tokens <= 0:
+        raise BlockFFNError("--max-tokens must be positive")
+    model_dir = _model_dir(model_dir)
+    model = load_model(model_dir, dtype="float32")
+    tok = load_tokenizer(model_dir)
+    ids = tok.encode(prompt).ids
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, greedy=greedy, seed=seed)
+    r = generate(model, ids, params, sparse=sparse)
+    text = tok.decode(r["tokens"])
+    if as_json:
+        click.echo(json.dumps({"tokens": r["tokens"], "text": text, "tok_per_s": r["tok_per_s"]}))
+    else:
+        click.echo(prompt + text)
+        click.echo(f"[{len(r['tokens'])} tokens, {r['tok_per_s']:.1f} tok/s, PyTorch eager]", err=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- convert
+@cli.command("convert")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None)
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path))
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="bfloat16",
+              show_default=True)
+@click.option("--shard-size-mb", type=int, default=None)
+@click.option("--overwrite", is_flag=True)
+def convert_cmd(model_dir, output, dtype, shard_size_mb, overwrite) -> None:
+    """Validate a checkpoint (any supported layout) and re-write it as official-format safetensors."""
+    from blockffn.model import load_model, save_model
+
+    model_dir = _model_dir(model_dir)
+    model = load_model(model_dir, dtype="float32")
+    shard = shard_size_mb * 2**20 if shard_size_mb else None
+    save_model(model, output, dtype, shard, tokenizer_dir=model_dir, overwrite=overwrite)
+    click.echo(f"wrote {output} ({dtype})")
+
+
+def main(argv=None) -> None:
+    start = time.time()
+    try:
+        cli.main(args=argv, prog_name="blockffn", standalone_mode=False)
+    except click.exceptions.Abort:
+        _echo_err("aborted")
+        sys.exit(1)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except BlockFFNError as e:
+        _echo_err(str(e))
+        sys.exit(1)
+    except KeyboardInterrupt:
+        _echo_err(f"interrupted after {time.time() - start:.0f}s")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+
+from blockffn.model import BlockFFNForCausalLM, preset_config  # noqa: E402
+
+
+def small_config(attention: str = "mla", **overrides):
+    """A 2-layer model with the bundled model's head and expert shapes (fast enough for property tests)."""
+    name = "tiny" if attention == "mla" else "tiny-gqa"
+    overrides.setdefault("num_hidden_layers", 2)
+    overrides.setdefault("vocab_size", 512)
+    return preset_config(name, **overrides)
+
+
+@pytest.fixture(params=["mla", "gqa"])
+def attention(request):
+    return request.param
+
+
+@pytest.fixture
+def small_model(attention):
+    torch.manual_seed(0)
+    return BlockFFNForCausalLM(small_config(attention)).init_weights(seed=1).eval()
+
+
+def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
