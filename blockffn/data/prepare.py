@@ -6,6 +6,7 @@ Output folder layout (all numpy, memory-mappable, no pickle):
 * ``train.tokens.npy`` / ``val.tokens.npy`` - uint16/uint32 token ids, documents concatenated, each followed by EOS
 * ``train.docs.npy`` / ``val.docs.npy`` - int64 start offset of every document (so document ids and
   document-internal positions can be recovered for any window)
+* ``val.txt`` - the held-out documents as plain text (blank-line separated)
 * ``meta.json`` - sources, counts, bytes per token (for bits-per-byte)
 
 The held-out split is the last ``val_fraction`` of the documents of *every* source file (research/data.md §4),
@@ -168,13 +169,14 @@ def prepare(inputs: list[Path], out_dir: Path, vocab_size: int = 4096, val_fract
         eos_id = tok.token_to_id(EOS)
         if eos_id is None:
             raise DataError(f"tokenizer has no {EOS} token")
-        train_ids, val_ids, per_source = [], [], {}
+        train_ids, val_ids, per_source, val_docs = [], [], {}, []
         val_bytes = train_bytes = 0
         for name, docs in sources.items():
             n_val = max(1, round(len(docs) * val_fraction))
             enc = [e.ids for e in tok.encode_batch(docs)]
             train_ids += enc[:-n_val]
             val_ids += enc[-n_val:]
+            val_docs += docs[-n_val:]
             train_bytes += sum(len(d.encode()) + 1 for d in docs[:-n_val])
             val_bytes += sum(len(d.encode()) + 1 for d in docs[-n_val:])
             per_source[name] = {"docs": len(docs), "val_docs": n_val, "tokens": sum(len(e) for e in enc)}
@@ -188,5 +190,7 @@ def prepare(inputs: list[Path], out_dir: Path, vocab_size: int = 4096, val_fract
                 "train_tokens": int(len(train.tokens)), "val_tokens": int(len(val.tokens)),
                 "train_bytes": train_bytes, "val_bytes": val_bytes,
                 "val_bytes_per_token": val_bytes / len(val.tokens)}
+        # the held-out documents as text, so `blockffn eval --text DATA/val.txt` measures the same split
+        (tmp / "val.txt").write_text("\n\n".join(val_docs) + "\n", encoding="utf-8")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta

@@ -30,6 +30,9 @@ class AdaptiveLambda:
         self.history.append(float(cs_loss))
         self.step_count += 1
         n = self.step_count
+        if self._ramp_to != self._ramp_from:  # advance the running ramp first, so it completes at the decision
+            frac = min(1.0, (n - self._ramp_start) / self.adjust_every)
+            self.value = self._ramp_from + (self._ramp_to - self._ramp_from) * frac
         if n >= self.stable_steps and (n - self.stable_steps) % self.adjust_every == 0 \
                 and len(self.history) == 2 * self.adjust_every:
             recent = list(self.history)
@@ -37,12 +40,8 @@ class AdaptiveLambda:
             last = sum(recent[self.adjust_every:]) / self.adjust_every
             gamma = last / prev if prev > 0 else 1.0
             factor = gamma if gamma <= 1 else max(self.min_factor, gamma)
-            current = self.value
-            target = min(current * factor, self.max_factor * self.lambda0)
-            self._ramp_from, self._ramp_to, self._ramp_start = current, target, n
-        if self._ramp_to != self._ramp_from:
-            frac = min(1.0, (n - self._ramp_start) / self.adjust_every)
-            self.value = self._ramp_from + (self._ramp_to - self._ramp_from) * frac
+            target = min(self.value * factor, self.max_factor * self.lambda0)
+            self._ramp_from, self._ramp_to, self._ramp_start = self.value, target, n
         return self.value
 
     def state_dict(self) -> dict:

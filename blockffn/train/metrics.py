@@ -51,14 +51,15 @@ class SparsityStats:
 
     def per_layer(self) -> dict:
         tls = 1 - self.active / max(self.tokens * self.E, 1)
-        cls = {str(s): (1 - self.union[s] / max(self.n_windows[s] * self.E, 1)) for s in self.windows}
+        cls = {str(s): (1 - self.union[s] / (self.n_windows[s] * self.E)) if self.n_windows[s]
+               else np.full(self.L, np.nan) for s in self.windows}
         reuse = self.reuse_sum / np.maximum(self.reuse_n, 1)
         return {"tls": tls, "cls": cls, "reuse": reuse}
 
     def summary(self) -> dict:
         """Model-level numbers: every (layer, token, expert) pair counts equally, as in the official logging."""
         tls = 1 - self.active.sum() / max(self.tokens * self.E * self.L, 1)
-        cls = {str(s): float(1 - self.union[s].sum() / max(self.n_windows[s] * self.E * self.L, 1))
-               for s in self.windows}
+        cls = {str(s): float(1 - self.union[s].sum() / (self.n_windows[s] * self.E * self.L))
+               if self.n_windows[s] else None for s in self.windows}  # None: text shorter than one window
         reuse = float(self.reuse_sum.sum() / max(self.reuse_n.sum(), 1))
         return {"tls": float(tls), "cls": cls, "reuse": reuse}
