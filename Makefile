@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/blockffn eval --text blockffn/bundled/heldout.txt
+	$(BIN)/blockffn eval --text blockffn/bundled/heldout.txt.xz
 	$(BIN)/blockffn generate --prompt "The President said that" --max-tokens 48 --greedy
 
 test: $(STAMP)

@@ -21,6 +21,11 @@ def _model_dir(path: str | None) -> Path:
     return Path(path) if path else default_model_path()
 
 
+def _floats(values) -> list:
+    """Numbers for JSON output; NaN (a metric with no data, e.g. text shorter than the window) becomes null."""
+    return [None if v != v else float(v) for v in values]
+
+
 def _echo_err(msg: str) -> None:
     click.echo(f"error: {msg}", err=True)
 
@@ -181,8 +186,8 @@ def eval_cmd(model_dir, text_file, seq_len, max_tokens, sparse, as_json) -> None
     if as_json:
         out = {"ppl": r["ppl"], "bpb": r["bpb"], "tls": r["tls"], "cls": r["cls"], "reuse": r["reuse"],
                "loss": r["loss"], "tokens": r["tokens"],
-               "per_layer": {k: ({s: list(map(float, v2)) for s, v2 in v.items()} if isinstance(v, dict)
-                                 else list(map(float, v))) for k, v in r["per_layer"].items()}}
+               "per_layer": {k: ({s: _floats(v2) for s, v2 in v.items()} if isinstance(v, dict) else _floats(v))
+                             for k, v in r["per_layer"].items()}}
         click.echo(json.dumps(out))
         return
     from rich.console import Console

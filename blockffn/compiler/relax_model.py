@@ -1,0 +1,267 @@
+"""The BlockFFN model in `tvm.relax.frontend.nn`, exporting the MLC-LLM model-library functions.
+
+Parameter names equal the official HF checkpoint names (``model.layers.i.mlp.up_proj`` …), so the weights need
+no renaming; the only layout change is inside the graph: MLA's q/k are assembled as ``[rope | nope]`` per head so
+that the paged KV cache's RoPE (which rotates the first ``rotary_dim`` features, rotate-half) touches exactly the
+rope features, and v is zero-padded to the q/k head size when they differ (as the official training does for
+flash-attention).  A permutation of features applied to both q and k leaves q·k unchanged.
+
+Each BlockFFN layer is emitted as its own Relax function (``BlockFFN`` subroutine) so that the sparse-lowering
+passes can find and replace it; here it computes densely.
+"""
+
+from __future__ import annotations
+
+import tvm_ffi
+from tvm import relax, te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+
+from blockffn.model.config import BlockFFNConfig
+
+BLOCKFFN_SUBROUTINE = "BlockFFN"  # prefix of the Relax functions that hold one BlockFFN layer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: str):
+        self.weight = nn.Parameter((dim,), dtype)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return op.rms_norm(x, self.weight, axes=[-1], epsilon=self.eps)
+
+
+class BlockFFN(nn.Module):
+    """ReLU router -> RMSNorm gate over experts -> non-gated SiLU experts (block_linear layout), dense.
+
+    ``forward`` emits a call to a private Relax function named ``BlockFFN*`` that takes (x, router weight,
+    router-norm weight, up_proj, down_proj).  nn's own ``define_subroutine`` cannot be used: with
+    ``param_mode="packed"`` the weights are dataflow variables, which may not become function parameters.
+    """
+
+    _cache: dict = {}
+
+    def __init__(self, cfg: BlockFFNConfig, dtype: str):
+        self.E, self.De, self.d = cfg.num_experts, cfg.expert_size, cfg.hidden_size
+        self.router_proj = nn.Linear(self.d, self.E, bias=False, dtype=dtype)
+        self.router_norm = RMSNorm(self.E, cfg.rms_norm_eps, dtype)
+        self.up_proj = nn.Parameter((self.E * self.De, self.d), dtype)
+        self.down_proj = nn.Parameter((self.d, self.E * self.De), dtype)
+
+    def dense(self, x: Tensor, w_router: Tensor, w_norm: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+        b, s, _ = x.shape
+        a0 = op.matmul(x, op.permute_dims(w_router))  # [b, s, E] router logits
+        gate = op.rms_norm(op.relu(a0), w_norm, axes=[-1], epsilon=self.router_norm.eps)  # 0 where a0 <= 0
+        h = op.silu(op.matmul(x, op.permute_dims(w_up)))  # [b, s, E*De]
+        h = op.reshape(op.reshape(h, (b, s, self.E, self.De)) * op.reshape(gate, (b, s, self.E, 1)),
+                       (b, s, self.E * self.De))
+        return op.matmul(h, op.permute_dims(w_down))
+
+    def forward(self, x: Tensor) -> Tensor:
+        bb = relax.BlockBuilder.current()
+        args = [x._expr, self.router_proj.weight._expr, self.router_norm.weight._expr, self.up_proj._expr,
+                self.down_proj._expr]
+        key = (id(bb), tvm_ffi.structural_hash(relax.TupleType([a.ty for a in args]), map_free_vars=True))
+        gvar = BlockFFN._cache.get(key)
+        if gvar is None:
+            names = ["x", "router_proj_weight", "router_norm_weight", "up_proj", "down_proj"]
+            params = [relax.Var(n, a.ty) for n, a in zip(names, args)]
+            with bb.function(BLOCKFFN_SUBROUTINE, params, private=True):
+                with bb.dataflow():
+                    out = self.dense(*[Tensor(_expr=p) for p in params])
+                    out = bb.emit_output(out._expr)
+                gvar = bb.emit_func_output(out)
+            mod = bb.get()
+            mod.update_func(gvar, relax.utils.copy_with_new_vars(mod[gvar]))
+            BlockFFN._cache[key] = gvar
+        return Tensor(_expr=bb.emit(relax.Call(gvar, args)))
+
+
+class MLAAttention(nn.Module):
+    def __init__(self, cfg: BlockFFNConfig, layer_id: int, dtype: str):
+        self.layer_id = layer_id
+        self.h, self.nope, self.rope, self.v = (cfg.num_attention_heads, cfg.qk_nope_head_dim,
+                                                cfg.qk_rope_head_dim, cfg.v_head_dim)
+        self.kv_lora = cfg.kv_lora_rank
+        self.head_dim = self.nope + self.rope  # cache head size (v padded up to it)
+        d = cfg.hidden_size
+        self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=False, dtype=dtype)
+        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6, dtype)
+        self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.h * self.head_dim, bias=False, dtype=dtype)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora + self.rope, bias=False, dtype=dtype)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora, 1e-6, dtype)
+        self.kv_b_proj = nn.Linear(self.kv_lora, self.h * (self.nope + self.v), bias=False, dtype=dtype)
+        self.o_proj = nn.Linear(self.h * self.v, d, bias=False, dtype=dtype)
+
+    def forward(self, x: Tensor, kv: PagedKVCache) -> Tensor:
+        b, s, _ = x.shape
+        q = op.reshape(self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))), (b, s, self.h, self.head_dim))
+        q_nope, q_pe = op.split(q, [self.nope], axis=-1)
+        c, k_pe = op.split(self.kv_a_proj_with_mqa(x), [self.kv_lora], axis=-1)
+        kvb = op.reshape(self.kv_b_proj(self.kv_a_layernorm(c)), (b, s, self.h, self.nope + self.v))
+        k_nope, v = op.split(kvb, [self.nope], axis=-1)
+        k_pe = op.broadcast_to(op.reshape(k_pe, (b, s, 1, self.rope)), (b, s, self.h, self.rope))
+        q = op.concat([q_pe, q_nope], dim=-1)
+        k = op.concat([k_pe, k_nope], dim=-1)
+        if self.v < self.head_dim:
+            v = op.pad(v, [0, 0, 0, 0, 0, 0, 0, self.head_dim - self.v])
+        qkv = op.concat([q, k, v], dim=2)
+        o = kv.attention_with_fused_qkv(self.layer_id, qkv, self.h, sm_scale=self.head_dim ** -0.5)
+        if self.v < self.head_dim:
+            o = op.split(o, [self.v], axis=-1)[0]
+        return self.o_proj(op.reshape(o, (b, s, self.h * self.v)))
+
+
+class GQAAttention(nn.Module):
+    def __init__(self, cfg: BlockFFNConfig, layer_id: int, dtype: str):
+        self.layer_id = layer_id
+        self.h, self.kvh, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.gqa_head_dim
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.h * self.head_dim, bias=False, dtype=dtype)
+        self.k_proj = nn.Linear(d, self.kvh * self.head_dim, bias=False, dtype=dtype)
+        self.v_proj = nn.Linear(d, self.kvh * self.head_dim, bias=False, dtype=dtype)
+        self.o_proj = nn.Linear(self.h * self.head_dim, d, bias=False, dtype=dtype)
+
+    def forward(self, x: Tensor, kv: PagedKVCache) -> Tensor:
+        b, s, _ = x.shape
+        q = op.reshape(self.q_proj(x), (b, s, self.h, self.head_dim))
+        k = op.reshape(self.k_proj(x), (b, s, self.kvh, self.head_dim))
+        v = op.reshape(self.v_proj(x), (b, s, self.kvh, self.head_dim))
+        o = kv.attention_with_fused_qkv(self.layer_id, op.concat([q, k, v], dim=2), self.h,
+                                        sm_scale=self.head_dim ** -0.5)
+        return self.o_proj(op.reshape(o, (b, s, self.h * self.head_dim)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: BlockFFNConfig, layer_id: int, dtype: str):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        attn = MLAAttention if cfg.attention_type == "mla" else GQAAttention
+        self.self_attn = attn(cfg, layer_id, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = BlockFFN(cfg, dtype)
+        self.residual_scale = cfg.residual_scale
+
+    def forward(self, h: Tensor, kv: PagedKVCache) -> Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), kv) * self.residual_scale
+        return h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: BlockFFNConfig, dtype: str):
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i, dtype) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+
+class RelaxBlockFFN(nn.Module):
+    """The compiled model: the MLC-LLM function set over a paged KV cache."""
+
+    def __init__(self, cfg: BlockFFNConfig, dtype: str = "float32"):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.model = Backbone(cfg, dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+
+    @property
+    def cache_head_dim(self) -> int:
+        c = self.cfg
+        return c.mla_q_head_dim if c.attention_type == "mla" else c.gqa_head_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        c = self.cfg
+        return c.qk_rope_head_dim if c.attention_type == "mla" else c.gqa_head_dim
+
+    @property
+    def cache_kv_heads(self) -> int:
+        c = self.cfg
+        return c.num_attention_heads if c.attention_type == "mla" else c.num_key_value_heads
+
+    # ------------------------------------------------------------------------------------------- pieces
+    def _hidden(self, h: Tensor, kv: PagedKVCache) -> Tensor:
+        for layer in self.model.layers:
+            h = layer(h, kv)
+        return self.model.norm(h)
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        hidden = hidden * (1.0 / self.cfg.logit_input_scale)
+        if self.cfg.tie_word_embeddings:
+            logits = op.matmul(hidden, op.permute_dims(self.model.embed_tokens.weight))
+        else:
+            logits = self.lm_head(hidden)
+        return logits.astype("float32") if logits.dtype != "float32" else logits
+
+    # ------------------------------------------------------------------------------------------- MLC functions
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.embed_tokens(input_ids) * self.cfg.scale_emb
+
+    def prefill(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        hidden = self._hidden(input_embed, paged_kv_cache)
+
+        def last_token(x: te.Tensor):
+            b, s, d = x.shape
+            return te.compute((b, 1, d), lambda i, _, k: x[i, s - 1, k], name="index")
+
+        hidden = op.tensor_expr_op(last_token, name_hint="index", args=[hidden])
+        return self._logits(hidden), paged_kv_cache
+
+    def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        return self._logits(self._hidden(input_embed, paged_kv_cache)), paged_kv_cache
+
+    def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache):
+        hidden = self._hidden(input_embeds, paged_kv_cache)
+        hidden = op.take(hidden, logit_positions, axis=1)  # [1, batch, d]
+        return self._logits(hidden), paged_kv_cache
+
+    def batch_decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        return self._logits(self._hidden(input_embeds, paged_kv_cache)), paged_kv_cache
+
+    def batch_verify(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        return self._logits(self._hidden(input_embeds, paged_kv_cache)), paged_kv_cache
+
+    def create_tir_paged_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
+                                  prefill_chunk_size: tirx.Var, page_size: tirx.Var,
+                                  support_sliding_window: tirx.Var) -> PagedKVCache:
+        c = self.cfg
+        return TIRPagedKVCache(
+            attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size, page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=relax.ShapeExpr([0, c.num_hidden_layers]), num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads, num_key_value_heads=self.cache_kv_heads,
+            qk_head_dim=self.cache_head_dim, v_head_dim=self.cache_head_dim, mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0, rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta,
+            rope_scaling={}, rope_ext_factors=relax.prim_value(0), rotary_dim=self.rotary_dim,
+            enable_disaggregation=False, dtype=self.dtype, target=self._target)
+
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        d, dt = self.cfg.hidden_size, self.dtype
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        kv = nn.spec.Object(object_type=PagedKVCache)
+        spec = {
+            "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
+            "prefill": {"input_embed": nn.spec.Tensor([1, "seq_len", d], dt), "paged_kv_cache": kv, "$": packed},
+            "decode": {"input_embed": nn.spec.Tensor([1, 1, d], dt), "paged_kv_cache": kv, "$": packed},
+            "batch_prefill": {"input_embeds": nn.spec.Tensor([1, "seq_len", d], dt),
+                              "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
+                              "paged_kv_cache": kv, "$": packed},
+            "batch_decode": {"input_embeds": nn.spec.Tensor(["batch_size", 1, d], dt), "paged_kv_cache": kv,
+                             "$": packed},
+            "batch_verify": {"input_embeds": nn.spec.Tensor([1, "seq_len", d], dt), "paged_kv_cache": kv,
+                             "$": packed},
+            "create_tir_paged_kv_cache": {
+                "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int, "page_size": int,
+                "support_sliding_window": int, "$": {"param_mode": "none", "effect_mode": "none"}},
+        }
+        return nn.spec.ModuleSpec.from_raw(spec, self)
+
+
+def export_model(cfg: BlockFFNConfig, dtype: str, target) -> tuple:
+    """(IRModule, [(param name, nn.Parameter)]) for the given config, storage dtype and target."""
+    BlockFFN._cache.clear()  # subroutines are per export (BlockBuilder ids can be reused)
+    model = RelaxBlockFFN(cfg, dtype)
+    model._target = target
+    mod, named_params, ext_mods = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
+    return mod, named_params, ext_mods

@@ -1,0 +1,85 @@
+"""The command line: help everywhere, JSON outputs on the bundled model, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from blockffn import default_model_path
+from blockffn.cli import cli as click_group
+
+HELDOUT = default_model_path().parent / "heldout.txt.xz"
+
+
+def run(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "blockffn.cli", *map(str, args)], capture_output=True, text=True,
+                       timeout=600)
+    if check:
+        assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def all_commands(group, prefix=()):
+    for name, cmd in group.commands.items():
+        yield prefix + (name,)
+        if hasattr(cmd, "commands"):
+            yield from all_commands(cmd, prefix + (name,))
+
+
+@pytest.mark.parametrize("path", [()] + list(all_commands(click_group)), ids=lambda p: " ".join(p) or "blockffn")
+def test_help(path):
+    r = run(*path, "--help")
+    assert "Usage:" in r.stdout
+
+
+def test_bundled_model_exists_and_is_small():
+    folder = default_model_path()
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    assert (folder / "config.json").exists() and (folder / "MODEL_CARD.md").exists()
+    assert size <= 25 * 2**20
+
+
+def test_eval_json_on_bundled_model():
+    r = run("eval", "--text", HELDOUT, "--max-tokens", 4096, "--json")
+    out = json.loads(r.stdout)
+    assert {"ppl", "bpb", "tls", "cls", "reuse"} <= out.keys()
+    assert set(out["cls"]) == {"1", "2", "4", "8", "16", "32", "64"}
+    assert 1 < out["ppl"] < 4096 and 0 < out["bpb"] < 8
+    assert 0 < out["tls"] < 1 and out["cls"]["1"] == pytest.approx(out["tls"], abs=0.02)
+    assert out["cls"]["8"] <= out["cls"]["1"]
+
+
+def test_eval_sparse_matches_dense():
+    dense = json.loads(run("eval", "--text", HELDOUT, "--max-tokens", 1024, "--json").stdout)
+    sparse = json.loads(run("eval", "--text", HELDOUT, "--max-tokens", 1024, "--json", "--sparse").stdout)
+    assert sparse["ppl"] == pytest.approx(dense["ppl"], rel=1e-4)
+    assert sparse["tls"] == pytest.approx(dense["tls"], abs=1e-3)
+
+
+def test_generate_json_greedy_is_deterministic():
+    a = json.loads(run("generate", "--prompt", "The ship", "--max-tokens", 12, "--greedy", "--json").stdout)
+    b = json.loads(run("generate", "--prompt", "The ship", "--max-tokens", 12, "--greedy", "--json",
+                       "--sparse").stdout)
+    assert a["tokens"] == b["tokens"] and len(a["tokens"]) >= 1
+    assert isinstance(a["text"], str) and a["tok_per_s"] > 0
+
+
+def test_init_presets(tmp_path):
+    run("init", "--preset", "small", "--layers", 1, "--vocab-size", 512, "--output", tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert (cfg["hidden_size"], cfg["num_experts"], cfg["expert_size"], cfg["q_lora_rank"]) == (768, 48, 64, 768)
+    run("init", "--preset", "tiny-gqa", "--layers", 1, "--output", tmp_path / "g", "--shard-size-mb", 1)
+    assert (tmp_path / "g" / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("eval", "--text", "/nonexistent.txt"), "no such file"),
+    (("eval", "--model", "/nonexistent", "--text", "x"), "not a model folder"),
+    (("init", "--preset", "huge", "--output", "/tmp/never"), "unknown preset"),
+    (("generate", "--prompt", "x", "--max-tokens", 0), "--max-tokens"),
+])
+def test_errors_are_one_line(args, needle):
+    r = run(*args, check=False)
+    assert r.returncode != 0 and needle in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
