@@ -209,6 +209,10 @@ def eval_cmd(model_dir, text_file, seq_len, max_tokens, sparse, as_json) -> None
 @cli.command("generate")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
               help="Model folder run with PyTorch (default: the bundled model).")
+@click.option("--artifact", "artifact_dir", type=click.Path(path_type=Path), default=None,
+              help="Compiled artifact folder run with the TVM runtime (instead of --model).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Runtime device for --artifact.")
 @click.option("--prompt", required=True)
 @click.option("--max-tokens", default=64, show_default=True)
 @click.option("--greedy", is_flag=True, help="Argmax decoding (overrides temperature/top-p).")
@@ -217,26 +221,126 @@ def eval_cmd(model_dir, text_file, seq_len, max_tokens, sparse, as_json) -> None
 @click.option("--seed", default=0, show_default=True)
 @click.option("--sparse", is_flag=True, help="Union-sparse FFN in the PyTorch model.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"tokens": [...], "text": "...", "tok_per_s": ...}.')
-def generate_cmd(model_dir, prompt, max_tokens, greedy, temperature, top_p, seed, sparse, as_json) -> None:
-    """Generate text from a prompt."""
+def generate_cmd(model_dir, artifact_dir, device, prompt, max_tokens, greedy, temperature, top_p, seed, sparse,
+                 as_json) -> None:
+    """Generate text from a prompt, with PyTorch (--model) or a compiled artifact (--artifact)."""
     from blockffn.data.prepare import load_tokenizer
-    from blockffn.model import load_model
-    from blockffn.model.generate import SamplingParams, generate
+    from blockffn.model.generate import SamplingParams
 
     if max_tokens <= 0:
         raise BlockFFNError("--max-tokens must be positive")
-    model_dir = _model_dir(model_dir)
-    model = load_model(model_dir, dtype="float32")
-    tok = load_tokenizer(model_dir)
-    ids = tok.encode(prompt).ids
+    if model_dir and artifact_dir:
+        raise BlockFFNError("give either --model or --artifact, not both")
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, greedy=greedy, seed=seed)
-    r = generate(model, ids, params, sparse=sparse)
+    if artifact_dir:
+        from blockffn.runtime.engine import Engine
+
+        engine = Engine(artifact_dir, device=device)
+        tok = engine.tokenizer
+        r = engine.generate(tok.encode(prompt).ids, params)
+        backend = f"TVM {engine.art.manifest['target']['name']} {engine.art.manifest['quantization']}"
+    else:
+        from blockffn.model import load_model
+        from blockffn.model.generate import generate
+
+        model_dir = _model_dir(model_dir)
+        model = load_model(model_dir, dtype="float32")
+        tok = load_tokenizer(model_dir)
+        r = generate(model, tok.encode(prompt).ids, params, sparse=sparse)
+        backend = "PyTorch eager"
     text = tok.decode(r["tokens"])
     if as_json:
         click.echo(json.dumps({"tokens": r["tokens"], "text": text, "tok_per_s": r["tok_per_s"]}))
     else:
         click.echo(prompt + text)
-        click.echo(f"[{len(r['tokens'])} tokens, {r['tok_per_s']:.1f} tok/s, PyTorch eager]", err=True)
+        click.echo(f"[{len(r['tokens'])} tokens, {r['tok_per_s']:.1f} tok/s, {backend}]", err=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- compile
+def _compile_options(f):
+    opts = [
+        click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+                     help="Model folder (default: the bundled model)."),
+        click.option("--target", default="cpu", show_default=True, help="Target preset (see --list-targets)."),
+        click.option("--dtype", "quantization", type=click.Choice(["q0f32", "q0f16", "q0bf16"]), default="q0f32",
+                     show_default=True, help="Weight storage / compute dtype."),
+        click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+                     help="Artifact folder (default: dist/<model>-<dtype>-<target>)."),
+        click.option("--context-window", type=int, default=None, help="Max tokens per sequence."),
+        click.option("--prefill-chunk", type=int, default=None, help="Max tokens per prefill call."),
+        click.option("--max-batch-size", type=int, default=8, show_default=True),
+        click.option("--overwrite", is_flag=True, help="Replace an existing output folder."),
+        click.option("--list-targets", is_flag=True, help="Print the target presets and exit."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _run_compile(model_dir, target, quantization, output, context_window, prefill_chunk, max_batch_size, overwrite,
+                 list_targets) -> None:
+    from blockffn.targets import list_targets as presets
+
+    if list_targets:
+        for p in presets():
+            click.echo(f"{p.name:<10} {p.description}\n           target {json.dumps(p.target)}\n"
+                       f"           host {p.host_triple}, output {p.lib_suffix}, needs {p.toolchain}")
+        return
+    from blockffn.compiler.compile import CompileOptions, compile_model
+
+    opts = CompileOptions(model_dir=_model_dir(model_dir), target=target, quantization=quantization, output=output,
+                          context_window=context_window, prefill_chunk=prefill_chunk, max_batch_size=max_batch_size,
+                          overwrite=overwrite)
+    r = compile_model(opts, log=click.echo)
+    mb = 1 / 2**20
+    click.echo("memory:")
+    click.echo(f"  params          {r['param_bytes'] * mb:9.2f} MiB")
+    click.echo(f"  KV cache        {r['kv_cache_bytes_per_sequence'] * mb:9.2f} MiB per full-context sequence")
+    for fn in ("prefill", "decode", "batch_prefill", "batch_decode", "batch_verify"):
+        click.echo(f"  temp {fn:<14} {r['memory_usage'].get(fn, 0) * mb:7.2f} MiB")
+    click.echo(f"wrote {r['output']} (library {r['library']}, {sum(r['seconds'].values()):.1f} s)")
+
+
+@cli.command("compile")
+@_compile_options
+def compile_cmd(**kwargs) -> None:
+    """Compile a model into an MLC-layout artifact folder (same as blockffn-compile)."""
+    _run_compile(**kwargs)
+
+
+@click.command("blockffn-compile", context_settings={"help_option_names": ["-h", "--help"]})
+@_compile_options
+def compile_entry(**kwargs) -> None:
+    """Compile a BlockFFN model with TVM into an MLC-layout artifact folder."""
+    _run_compile(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------- inspect
+@cli.command("inspect")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def inspect_cmd(artifact, as_json) -> None:
+    """Print an artifact's manifest, library functions, metadata and sizes."""
+    from blockffn.runtime.inspect import describe
+
+    info = describe(artifact)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    m = info["manifest"]
+    click.echo(f"artifact   {artifact}")
+    click.echo(f"model      {m['source']['path']} (sha256 {m['source']['sha256'][:16]}…)")
+    click.echo(f"target     {m['target']['name']} {json.dumps(m['target']['tvm_target'])}  quantization "
+               f"{m['quantization']}")
+    click.echo(f"versions   " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+    click.echo(f"context    {m['context_window_size']} tokens, prefill chunk {m['prefill_chunk_size']}, "
+               f"max batch {m['max_batch_size']}")
+    click.echo(f"passes     {' -> '.join(m['passes'])}")
+    click.echo(f"functions  {', '.join(info['functions'])}")
+    click.echo("sizes      " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in info["sizes"].items()))
+    md = info["metadata"]
+    click.echo(f"metadata   kv_cache {json.dumps(md['kv_cache'])}, {len(md['params'])} params")
+    click.echo("memory     " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in md["memory_usage"].items() if v))
 
 
 # ---------------------------------------------------------------------------------------------------------- convert
@@ -274,6 +378,17 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         _echo_err(f"interrupted after {time.time() - start:.0f}s")
         sys.exit(130)
+
+
+def compile_main(argv=None) -> None:
+    try:
+        compile_entry.main(args=argv, prog_name="blockffn-compile", standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except BlockFFNError as e:
+        _echo_err(str(e))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,79 @@
+"""File names and the JSON documents of an artifact folder (research/mlc.md §1)."""
+
+from __future__ import annotations
+
+from blockffn.model.config import BlockFFNConfig
+
+CHAT_CONFIG = "mlc-chat-config.json"
+TENSOR_CACHE = "tensor-cache.json"
+LEGACY_TENSOR_CACHE = "ndarray-cache.json"  # runtimes from before Sept 2025 look for this name
+MANIFEST = "blockffn-manifest.json"
+MLC_CHAT_CONFIG_VERSION = "0.1.0"
+
+QUANTIZATIONS = {"q0f32": "float32", "q0f16": "float16", "q0bf16": "bfloat16"}
+
+
+def storage_dtype(quantization: str) -> str:
+    from blockffn.errors import BlockFFNError
+
+    try:
+        return QUANTIZATIONS[quantization]
+    except KeyError:
+        raise BlockFFNError(f"unknown --dtype {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}") from None
+
+
+def conv_template(cfg: BlockFFNConfig) -> dict:
+    """A plain completion template (the bundled model is a base LM): the user text is the prompt as-is."""
+    return {
+        "name": "blockffn-plain",
+        "system_template": "{system_message}",
+        "system_message": "",
+        "system_prefix_token_ids": None,
+        "add_role_after_system_message": False,
+        "roles": {"user": "", "assistant": ""},
+        "role_templates": {"user": "{user_message}", "assistant": "{assistant_message}", "tool": "{tool_message}"},
+        "messages": [],
+        "seps": ["\n"],
+        "role_content_sep": "",
+        "role_empty_sep": "",
+        "stop_str": [],
+        "stop_token_ids": [cfg.eos_token_id],
+        "strip_reasoning_in_history": False,
+        "function_string": "",
+        "use_function_calling": False,
+    }
+
+
+def chat_config(cfg: BlockFFNConfig, quantization: str, context_window: int, prefill_chunk: int,
+                max_batch_size: int, tokenizer_files: list[str]) -> dict:
+    """mlc-chat-config.json with every key the MLC engines read (pydantic MLCChatConfig field order)."""
+    model_config = cfg.to_hf_dict()
+    model_config.update(context_window_size=context_window, prefill_chunk_size=prefill_chunk,
+                        tensor_parallel_shards=1, max_batch_size=max_batch_size)
+    return {
+        "version": MLC_CHAT_CONFIG_VERSION,
+        "model_type": "blockffn",
+        "quantization": quantization,
+        "model_config": model_config,
+        "vocab_size": cfg.vocab_size,
+        "context_window_size": context_window,
+        "sliding_window_size": -1,
+        "prefill_chunk_size": prefill_chunk,
+        "attention_sink_size": -1,
+        "tensor_parallel_shards": 1,
+        "pipeline_parallel_stages": 1,
+        "active_vocab_size": cfg.vocab_size,
+        "temperature": 0.8,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "repetition_penalty": 1.0,
+        "top_p": 0.95,
+        "tokenizer_files": tokenizer_files,
+        "tokenizer_info": {"token_postproc_method": "byte_level", "prepend_space_in_encode": False,
+                           "strip_space_in_decode": False},
+        "conv_template": conv_template(cfg),
+        "pad_token_id": cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "model_task": "chat",
+    }

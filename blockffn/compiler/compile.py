@@ -1,0 +1,172 @@
+"""`blockffn-compile`: model folder -> Relax -> passes -> library -> MLC artifact folder (atomically)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from blockffn import __version__
+from blockffn.artifacts import layout
+from blockffn.artifacts.weights import param_records, to_numpy, write_tensor_cache
+from blockffn.errors import BlockFFNError
+from blockffn.model.checkpoint import TOKENIZER_FILES, atomic_output_dir, checkpoint_sha256, load_model
+from blockffn.targets import get_target
+
+
+@dataclass
+class CompileOptions:
+    model_dir: Path
+    target: str = "cpu"
+    quantization: str = "q0f32"
+    output: Path | None = None
+    context_window: int | None = None
+    prefill_chunk: int | None = None
+    max_batch_size: int = 8
+    overwrite: bool = False
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "model"
+
+
+class PhaseTimer:
+    """Logs each compile phase with its wall time."""
+
+    def __init__(self, log):
+        self.log, self.times = log, {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Phase:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, exc_type, *_):
+                if exc_type is None:
+                    timer.times[name] = round(time.perf_counter() - self.t0, 3)
+                    timer.log(f"  {name:<15} {timer.times[name]:7.2f} s")
+                return False
+
+        return _Phase()
+
+
+def kv_cache_bytes(cfg, context_window: int, dtype: str) -> int:
+    """Bytes of K and V for one full-context sequence (what the paged cache needs per sequence)."""
+    from blockffn.compiler.relax_model import RelaxBlockFFN
+
+    m = RelaxBlockFFN.__new__(RelaxBlockFFN)
+    m.cfg = cfg
+    elem = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+    return 2 * cfg.num_hidden_layers * m.cache_kv_heads * m.cache_head_dim * context_window * elem
+
+
+def compile_model(opts: CompileOptions, log=print) -> dict:
+    import tvm
+    import tvm_ffi
+
+    from blockffn.compiler import library_funcs
+    from blockffn.compiler.pipeline import build_pipeline
+    from blockffn.compiler.relax_model import export_model
+
+    preset = get_target(opts.target)
+    dtype = layout.storage_dtype(opts.quantization)
+    model_dir = Path(opts.model_dir)
+    model = load_model(model_dir, dtype="float32")
+    cfg = model.config
+    context = opts.context_window or cfg.max_position_embeddings
+    if not 0 < context <= cfg.max_position_embeddings:
+        raise BlockFFNError(f"--context-window must be in 1..{cfg.max_position_embeddings} "
+                            f"(the model's max_position_embeddings), got {context}")
+    prefill_chunk = opts.prefill_chunk or min(context, 512)
+    if not 0 < prefill_chunk <= context:
+        raise BlockFFNError(f"--prefill-chunk must be in 1..{context}, got {prefill_chunk}")
+    if opts.max_batch_size <= 0:
+        raise BlockFFNError("--max-batch-size must be positive")
+    name = _safe_name(model_dir.resolve().name)
+    output = Path(opts.output) if opts.output else Path("dist") / f"{name}-{opts.quantization}-{preset.name}"
+    if output.suffix in (".so", ".tar", ".dylib"):
+        raise BlockFFNError(f"--output {output}: target {preset.name} writes an artifact folder; give a folder path")
+    lib_name = f"{name}-{opts.quantization}-{preset.name}{preset.lib_suffix}"
+    target = preset.tvm_target()
+    timer = PhaseTimer(log)
+    log(f"compiling {model_dir} for {preset.name} ({opts.quantization}) -> {output}")
+
+    with atomic_output_dir(output, overwrite=opts.overwrite) as tmp:
+        with timer("export"):
+            mod, named_params, _ = export_model(cfg, dtype, target)
+            mod = library_funcs.add_logit_processors(mod)
+            mod = library_funcs.add_softmax_with_temperature(mod)
+            mod = library_funcs.add_alloc_embedding_tensor(mod, prefill_chunk, cfg.hidden_size, dtype)
+        params_meta = [{"name": n, "shape": [int(s) for s in p.shape], "dtype": dtype, "preprocs": [],
+                        "pipeline_stages": [0]} for n, p in named_params]
+        from blockffn.compiler.relax_model import RelaxBlockFFN
+
+        shape_model = RelaxBlockFFN.__new__(RelaxBlockFFN)
+        shape_model.cfg = cfg
+        metadata = {
+            "model_type": "blockffn", "quantization": opts.quantization, "context_window_size": context,
+            "prefill_chunk_size": prefill_chunk, "max_batch_size": opts.max_batch_size,
+            "tensor_parallel_shards": 1, "pipeline_parallel_stages": 1, "sliding_window_size": -1,
+            "attention_sink_size": -1, "kv_state_kind": "kv_cache",
+            "kv_cache": {"num_hidden_layers": cfg.num_hidden_layers,
+                         "num_attention_heads": cfg.num_attention_heads,
+                         "num_key_value_heads": shape_model.cache_kv_heads, "head_dim": shape_model.cache_head_dim},
+            "params": params_meta, "tvm_version": tvm.__version__, "tvm_ffi_version": tvm_ffi.__version__,
+            "blockffn_version": __version__, "target": preset.name,
+        }
+        bounds = {"seq_len": prefill_chunk, "batch_size": opts.max_batch_size, "total_seq_len": context}
+        pipeline, pass_names = build_pipeline(target, metadata, bounds)
+        with timer("passes"):
+            with target:
+                lowered = pipeline(mod)
+        from tvm import relax
+
+        functions = sorted(gv.name_hint for gv, f in lowered.functions.items()
+                           if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs)
+        with timer("build"):
+            executable = tvm.compile(lowered, target, relax_pipeline=tvm.transform.Sequential([]))
+        with timer("export_library"):
+            executable.export_library(str(tmp / lib_name))
+        with timer("weights"):
+            sd = model.state_dict()
+            tensors = {p["name"]: to_numpy(sd[p["name"]], dtype) for p in params_meta}
+            cache = write_tensor_cache(tensors, tmp)
+            tokenizer_files = [f for f in TOKENIZER_FILES if (model_dir / f).exists()]
+            for f in tokenizer_files:
+                (tmp / f).write_bytes((model_dir / f).read_bytes())
+        chat = layout.chat_config(cfg, opts.quantization, context, prefill_chunk, opts.max_batch_size,
+                                  tokenizer_files)
+        (tmp / layout.CHAT_CONFIG).write_text(json.dumps(chat, indent=2) + "\n")
+        import torch
+
+        manifest = {
+            "format": "blockffn-artifact/1",
+            "blockffn_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"path": str(model_dir.resolve()), "sha256": checkpoint_sha256(model_dir)},
+            "target": {"name": preset.name, "tvm_target": preset.target, "host_triple": preset.host_triple,
+                       "device": preset.device},
+            "quantization": opts.quantization, "dtype": dtype,
+            "weight_layout": "official HF names and layouts, unchanged",
+            "library": lib_name,
+            "passes": pass_names,
+            "functions": functions,
+            "versions": {"tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__, "torch": torch.__version__,
+                         "blockffn": __version__},
+            "context_window_size": context, "prefill_chunk_size": prefill_chunk,
+            "max_batch_size": opts.max_batch_size,
+            "params": [{k: p[k] for k in ("name", "shape", "dtype")} for p in params_meta],
+            "memory_usage": metadata["memory_usage"],
+            "compile_seconds": timer.times,
+        }
+        (tmp / layout.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    param_bytes = sum(r["nbytes"] for r in param_records(cache))
+    report = {"output": str(output), "library": lib_name, "seconds": timer.times, "param_bytes": param_bytes,
+              "kv_cache_bytes_per_sequence": kv_cache_bytes(cfg, context, dtype),
+              "memory_usage": metadata["memory_usage"]}
+    return report

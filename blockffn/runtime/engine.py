@@ -1,0 +1,266 @@
+"""Run a compiled artifact on the TVM runtime: weights from the tensor cache, a paged KV cache driven through
+``vm.builtin.kv_state_*``, prefill / decode / batch / tree-verify calls, and sampling through the library's
+logit functions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from blockffn.artifacts.reader import Artifact, ArtifactError, open_artifact
+from blockffn.errors import BlockFFNError
+from blockffn.model.generate import SamplingParams
+
+
+def _device(kind: str):
+    import tvm
+
+    if kind == "cpu":
+        return tvm.cpu()
+    if kind == "cuda":
+        dev = tvm.cuda()
+        if not dev.exist:
+            raise BlockFFNError("device cuda requested but no CUDA GPU is visible to the TVM runtime")
+        return dev
+    raise BlockFFNError(f"unknown device {kind!r}; use cpu or cuda")
+
+
+@dataclass
+class KVState:
+    """Bookkeeping of the sequences living in the paged cache."""
+
+    lengths: dict = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, artifact_dir, device: str = "cpu", max_total_seq_len: int | None = None,
+                 page_size: int = 16, verify_md5: bool = True):
+        import tvm
+        from tvm import relax
+
+        self.art: Artifact = open_artifact(artifact_dir, verify_md5=verify_md5)
+        if self.art.manifest["target"]["device"] != device:
+            raise ArtifactError(f"{artifact_dir}: built for device {self.art.manifest['target']['device']}, "
+                                f"not {device}")
+        self.dev = _device(device)
+        self.cfg = self.art.config
+        self.context_window = self.art.manifest["context_window_size"]
+        self.prefill_chunk = self.art.manifest["prefill_chunk_size"]
+        self.max_batch = self.art.manifest["max_batch_size"]
+        self.dtype = self.art.manifest["dtype"]
+        try:
+            lib = tvm.runtime.load_module(str(self.art.library))
+        except Exception as e:  # TVM raises its own error classes
+            raise ArtifactError(f"{self.art.library}: cannot be loaded ({str(e).splitlines()[0]})") from None
+        self.vm = relax.VirtualMachine(lib, self.dev)
+        self._load_params()
+        self._f = {name: tvm.get_global_func(f"vm.builtin.{name}") for name in (
+            "kv_state_add_sequence", "kv_state_remove_sequence", "kv_state_fork_sequence",
+            "kv_state_begin_forward", "kv_state_end_forward", "kv_state_popn",
+            "attention_kv_cache_commit_accepted_token_tree_nodes")}
+        self.max_total_seq_len = max_total_seq_len or self.context_window * self.max_batch
+        S = tvm.runtime.ShapeTuple
+        self.kv = self.vm["create_tir_paged_kv_cache"](S([self.max_batch]), S([self.max_total_seq_len]),
+                                                       S([self.prefill_chunk]), S([page_size]), S([0]))
+        self.state = KVState()
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------------------------------ loading
+    def _load_params(self) -> None:
+        import tvm
+
+        load = tvm.get_global_func("vm.builtin.tensor_cache.load")
+        by_name = tvm.get_global_func("vm.builtin.param_array_from_cache_by_name")
+        clear = tvm.get_global_func("vm.builtin.tensor_cache.clear")
+        load(str(self.art.path), int(self.dev.dlpack_device_type()), int(self.dev.index))
+        try:
+            self.params = by_name(self.art.param_names)
+        finally:
+            clear()
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from blockffn.data.prepare import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.art.path)
+        return self._tokenizer
+
+    # ------------------------------------------------------------------------------------------ sequences
+    def add_sequence(self, seq_id: int) -> None:
+        if len(self.state.lengths) >= self.max_batch:
+            raise BlockFFNError(f"at most {self.max_batch} sequences (the artifact's max batch size)")
+        self._f["kv_state_add_sequence"](self.kv, seq_id)
+        self.state.lengths[seq_id] = 0
+
+    def remove_sequence(self, seq_id: int) -> None:
+        self._f["kv_state_remove_sequence"](self.kv, seq_id)
+        self.state.lengths.pop(seq_id, None)
+
+    def fork_sequence(self, parent: int, child: int, fork_pos: int = -1) -> None:
+        self._f["kv_state_fork_sequence"](self.kv, parent, child, fork_pos)
+        self.state.lengths[child] = self.state.lengths[parent] if fork_pos < 0 else fork_pos
+
+    def popn(self, seq_id: int, n: int) -> None:
+        self._f["kv_state_popn"](self.kv, seq_id, n)
+        self.state.lengths[seq_id] -= n
+
+    def reset(self) -> None:
+        for sid in list(self.state.lengths):
+            self.remove_sequence(sid)
+
+    # ------------------------------------------------------------------------------------------ model calls
+    def _tensor(self, array: np.ndarray):
+        import tvm
+
+        return tvm.runtime.tensor(array, self.dev)
+
+    def embed(self, token_ids) -> "object":
+        ids = np.asarray(token_ids, dtype=np.int32)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
+            raise BlockFFNError(f"token id out of range 0..{self.cfg.vocab_size - 1}")
+        return self.vm["embed"](self._tensor(ids), self.params)
+
+    def _reshaped_embeds(self, token_ids, shape):
+        emb = self.embed(token_ids)
+        try:
+            return emb.view(shape)
+        except Exception:  # pragma: no cover - older runtimes without Tensor.view
+            return self._tensor(emb.numpy().reshape(shape))
+
+    def _check_room(self, seq_ids, lengths) -> None:
+        for sid, n in zip(seq_ids, lengths):
+            if sid not in self.state.lengths:
+                raise BlockFFNError(f"sequence {sid} does not exist")
+            if self.state.lengths[sid] + n > self.context_window:
+                raise BlockFFNError(f"sequence {sid} would hold {self.state.lengths[sid] + n} tokens, more than the "
+                                    f"context window of {self.context_window}")
+
+    def _forward(self, func: str, seq_ids, lengths, args, tree_parent_ptr=None):
+        import tvm
+
+        S = tvm.runtime.ShapeTuple
+        if tree_parent_ptr is None:
+            self._f["kv_state_begin_forward"](self.kv, S(list(seq_ids)), S(list(lengths)))
+        else:
+            self._f["kv_state_begin_forward"](self.kv, S(list(seq_ids)), S(list(lengths)),
+                                              S(list(tree_parent_ptr)))
+        out = self.vm[func](*args, self.kv, self.params)
+        self._f["kv_state_end_forward"](self.kv)
+        for sid, n in zip(seq_ids, lengths):
+            self.state.lengths[sid] += n
+        return out[0]
+
+    def prefill(self, seq_id: int, token_ids) -> np.ndarray:
+        """Prefill in chunks of the artifact's prefill size; returns the last token's logits [V]."""
+        token_ids = list(token_ids)
+        if not token_ids:
+            raise BlockFFNError("cannot prefill zero tokens")
+        self._check_room([seq_id], [len(token_ids)])
+        logits = None
+        for i in range(0, len(token_ids), self.prefill_chunk):
+            chunk = token_ids[i: i + self.prefill_chunk]
+            emb = self._reshaped_embeds(chunk, (1, len(chunk), self.cfg.hidden_size))
+            logits = self._forward("prefill", [seq_id], [len(chunk)], [emb])
+        return logits.numpy()[0, -1]
+
+    def decode(self, seq_id: int, token: int) -> np.ndarray:
+        self._check_room([seq_id], [1])
+        emb = self._reshaped_embeds([token], (1, 1, self.cfg.hidden_size))
+        return self._forward("decode", [seq_id], [1], [emb]).numpy()[0, 0]
+
+    def batch_prefill(self, seq_ids, token_lists) -> np.ndarray:
+        """One ragged prefill over several sequences; returns [batch, V] logits of each one's last token."""
+        lengths = [len(t) for t in token_lists]
+        self._check_room(seq_ids, lengths)
+        flat = [t for toks in token_lists for t in toks]
+        if len(flat) > self.prefill_chunk:
+            raise BlockFFNError(f"batch_prefill of {len(flat)} tokens exceeds the prefill chunk {self.prefill_chunk}")
+        emb = self._reshaped_embeds(flat, (1, len(flat), self.cfg.hidden_size))
+        positions = self._tensor(np.cumsum(lengths).astype(np.int32) - 1)
+        return self._forward("batch_prefill", seq_ids, lengths, [emb, positions]).numpy()[0]
+
+    def batch_decode(self, seq_ids, tokens) -> np.ndarray:
+        self._check_room(seq_ids, [1] * len(seq_ids))
+        emb = self._reshaped_embeds(list(tokens), (len(tokens), 1, self.cfg.hidden_size))
+        return self._forward("batch_decode", seq_ids, [1] * len(seq_ids), [emb]).numpy()[:, 0]
+
+    def batch_verify(self, seq_id: int, tokens, parent_ptr) -> np.ndarray:
+        """Score a token tree (``parent_ptr[i]`` = index of node i's parent, -1 for children of the last
+        committed token) in one call with tree attention; returns [n, V].  Call `commit_tree` afterwards."""
+        if len(tokens) != len(parent_ptr):
+            raise BlockFFNError("tokens and parent_ptr must have the same length")
+        self._check_room([seq_id], [len(tokens)])
+        emb = self._reshaped_embeds(list(tokens), (1, len(tokens), self.cfg.hidden_size))
+        self._last_parents = list(parent_ptr)
+        out = self._forward("batch_verify", [seq_id], [len(tokens)], [emb], tree_parent_ptr=parent_ptr)
+        return out.numpy()[0]
+
+    def commit_tree(self, seq_id: int, n_tree: int, accepted_leaf: int) -> None:
+        """Keep the path root..``accepted_leaf`` of the last verified tree (-1 keeps nothing)."""
+        import tvm
+
+        self._f["attention_kv_cache_commit_accepted_token_tree_nodes"](self.kv, tvm.runtime.ShapeTuple([accepted_leaf]))
+        self.state.lengths[seq_id] -= n_tree
+        # the committed path length is the depth of the accepted leaf (+1)
+        self.state.lengths[seq_id] += self._tree_depth(accepted_leaf)
+
+    def _tree_depth(self, leaf: int) -> int:
+        depth, node = 0, leaf
+        parents = self._last_parents
+        while node >= 0:
+            depth += 1
+            node = parents[node]
+        return depth
+
+    # ------------------------------------------------------------------------------------------ sampling
+    def probs(self, logits: np.ndarray, temperature: float) -> np.ndarray:
+        """Softmax with temperature through the library's ``softmax_with_temperature``."""
+        lg = self._tensor(logits.reshape(1, 1, -1).astype(np.float32))
+        t = self._tensor(np.array([temperature], dtype=np.float32))
+        return self.vm["softmax_with_temperature"](lg, t).numpy()[0, 0]
+
+    def sample(self, logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+        if params.greedy or params.temperature <= 0:
+            return int(np.argmax(logits))
+        p = self.probs(logits, params.temperature).astype(np.float64)
+        if params.top_p < 1.0:
+            order = np.argsort(-p, kind="stable")
+            sorted_p = p[order]
+            keep = np.cumsum(sorted_p) - sorted_p < params.top_p
+            p = np.zeros_like(p)
+            p[order[keep]] = sorted_p[keep]
+        p /= p.sum()
+        return int(rng.choice(len(p), p=p))
+
+    def generate(self, prompt_ids, params: SamplingParams, seq_id: int = 0) -> dict:
+        if not prompt_ids:
+            raise BlockFFNError("the prompt encodes to zero tokens")
+        if len(prompt_ids) + params.max_tokens > self.context_window:
+            raise BlockFFNError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens {params.max_tokens} exceeds the "
+                                f"context window of {self.context_window}")
+        if seq_id in self.state.lengths:
+            self.remove_sequence(seq_id)
+        self.add_sequence(seq_id)
+        rng = np.random.default_rng(params.seed)
+        try:
+            t0 = time.perf_counter()
+            logits = self.prefill(seq_id, prompt_ids)
+            t_prefill = time.perf_counter() - t0
+            tokens = []
+            t1 = time.perf_counter()
+            while True:
+                tok = self.sample(logits, params, rng)
+                tokens.append(tok)
+                if (params.stop_at_eos and tok == self.cfg.eos_token_id) or len(tokens) == params.max_tokens:
+                    break
+                logits = self.decode(seq_id, tok)
+            t_decode = time.perf_counter() - t1
+        finally:
+            self.remove_sequence(seq_id)
+        return {"tokens": tokens, "prefill_s": t_prefill, "decode_s": t_decode,
+                "prefill_tok_per_s": len(prompt_ids) / t_prefill if t_prefill > 0 else float("inf"),
+                "tok_per_s": len(tokens) / t_decode if t_decode > 0 else float("inf")}
