@@ -12,6 +12,7 @@ passes can find and replace it; here it computes densely.
 
 from __future__ import annotations
 
+import tvm
 import tvm_ffi
 from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
@@ -225,7 +226,7 @@ class RelaxBlockFFN(nn.Module):
                                   prefill_chunk_size: tirx.Var, page_size: tirx.Var,
                                   support_sliding_window: tirx.Var) -> PagedKVCache:
         c = self.cfg
-        return TIRPagedKVCache(
+        return _TIRPagedKVCache(
             attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
             prefill_chunk_size=prefill_chunk_size, page_size=page_size,
             support_sliding_window=support_sliding_window,
@@ -256,6 +257,31 @@ class RelaxBlockFFN(nn.Module):
                 "support_sliding_window": int, "$": {"param_mode": "none", "effect_mode": "none"}},
         }
         return nn.spec.ModuleSpec.from_raw(spec, self)
+
+
+def _fix_cpu_tree_attention_order(call: relax.Call) -> relax.Call:
+    """The 0.27 wheel's TIRPagedKVCache passes the two CPU tree-attention kernels in the wrong order (ragged
+    first, paged second; the runtime and the GPU branch expect paged first), so `batch_verify` on llvm fails
+    with an argument-count error.  Swap them back."""
+    args = list(call.args)
+    slots = [i for i, a in enumerate(args) if isinstance(a, relax.Tuple) and len(a.fields) == 2
+             and isinstance(a.fields[1], tvm.ir.GlobalVar)
+             and ("tree_mask" in a.fields[1].name_hint or "tree_attn" in a.fields[1].name_hint)]
+    if len(slots) == 2:
+        first, second = slots
+        if "paged" not in args[first].fields[1].name_hint and "paged" in args[second].fields[1].name_hint:
+            args[first], args[second] = args[second], args[first]
+    return relax.Call(call.op, args, call.attrs, call.ty_args)
+
+
+class _TreeAttentionOrderFix(PagedKVCache):
+    def __init__(self, _expr, _name):
+        super().__init__(_expr=_fix_cpu_tree_attention_order(_expr), _name=_name)
+
+
+class _TIRPagedKVCache(TIRPagedKVCache, _TreeAttentionOrderFix):
+    """TIRPagedKVCache whose creation call goes through `_fix_cpu_tree_attention_order` (MRO puts the fix
+    between TIRPagedKVCache and PagedKVCache, where the call expression is handed over)."""
 
 
 def export_model(cfg: BlockFFNConfig, dtype: str, target) -> tuple:

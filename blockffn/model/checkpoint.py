@@ -283,6 +283,8 @@ class atomic_output_dir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        for f in self.tmp.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
         if self.target.exists():
             old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
             os.replace(self.target, old)

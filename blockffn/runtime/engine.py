@@ -55,6 +55,7 @@ class Engine:
             lib = tvm.runtime.load_module(str(self.art.library))
         except Exception as e:  # TVM raises its own error classes
             raise ArtifactError(f"{self.art.library}: cannot be loaded ({str(e).splitlines()[0]})") from None
+        self.lib = lib
         self.vm = relax.VirtualMachine(lib, self.dev)
         self._load_params()
         self._f = {name: tvm.get_global_func(f"vm.builtin.{name}") for name in (
@@ -203,7 +204,8 @@ class Engine:
         """Keep the path root..``accepted_leaf`` of the last verified tree (-1 keeps nothing)."""
         import tvm
 
-        self._f["attention_kv_cache_commit_accepted_token_tree_nodes"](self.kv, tvm.runtime.ShapeTuple([accepted_leaf]))
+        S = tvm.runtime.ShapeTuple
+        self._f["attention_kv_cache_commit_accepted_token_tree_nodes"](self.kv, S([seq_id]), S([accepted_leaf]))
         self.state.lengths[seq_id] -= n_tree
         # the committed path length is the depth of the accepted leaf (+1)
         self.state.lengths[seq_id] += self._tree_depth(accepted_leaf)
@@ -215,6 +217,10 @@ class Engine:
             depth += 1
             node = parents[node]
         return depth
+
+    def library_function(self, name: str):
+        """A TIR function of the library (e.g. the in-place logit processors), as MLC's runtime looks it up."""
+        return self.lib.get_function(name, query_imports=True)
 
     # ------------------------------------------------------------------------------------------ sampling
     def probs(self, logits: np.ndarray, temperature: float) -> np.ndarray:
