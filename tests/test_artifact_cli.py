@@ -1,0 +1,129 @@
+"""blockffn-compile / generate --artifact / inspect through the CLI, and bad input that must fail cleanly."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from blockffn import default_model_path
+from blockffn.model import load_model
+from blockffn.runtime.engine import Engine
+
+
+def run(*args, check=True, entry="blockffn"):
+    cmd = [sys.executable, "-c", f"import sys; from blockffn.cli import {'main' if entry == 'blockffn' else 'compile_main'}"
+           f" as m; sys.argv[0] = '{entry}'; m()", *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "tiny-q0f32"
+    r = run("--target", "cpu", "--output", out, "--context-window", 256, "--prefill-chunk", 64,
+            entry="blockffn-compile")
+    for phase in ("export", "passes", "build", "export_library", "weights"):
+        assert phase in r.stdout
+    assert "params" in r.stdout and "KV cache" in r.stdout and "temp decode" in r.stdout
+    return out
+
+
+def test_greedy_64_tokens_identical_pytorch_vs_artifact(artifact):
+    prompt = "It was the best of times, it was the"
+    a = json.loads(run("generate", "--prompt", prompt, "--max-tokens", 64, "--greedy", "--json").stdout)
+    b = json.loads(run("generate", "--artifact", artifact, "--prompt", prompt, "--max-tokens", 64, "--greedy",
+                       "--json").stdout)
+    assert a["tokens"] == b["tokens"] and a["text"] == b["text"]
+    assert len(b["tokens"]) == 64 or b["tokens"][-1] == load_model(default_model_path()).config.eos_token_id
+
+
+def test_sampling_is_seeded_and_uses_the_library_softmax(artifact):
+    args = ("generate", "--artifact", artifact, "--prompt", "The sea", "--max-tokens", 16, "--temperature", 0.9,
+            "--top-p", 0.9, "--seed", 7, "--json")
+    assert json.loads(run(*args).stdout)["tokens"] == json.loads(run(*args).stdout)["tokens"]
+
+
+def test_fp16_artifact_close_to_fp32(tmp_path):
+    out = tmp_path / "f16"
+    run("compile", "--dtype", "q0f16", "--output", out, "--context-window", 128, "--prefill-chunk", 32)
+    model = load_model(default_model_path())
+    ids = list(np.random.default_rng(0).integers(0, model.config.vocab_size, 40))
+    engine = Engine(out)
+    engine.add_sequence(0)
+    got = engine.prefill(0, ids)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0, -1].numpy()
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= 2e-2
+    tok = int(np.argmax(got))
+    got = engine.decode(0, tok)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids + [tok]])).logits[0, -1].numpy()
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= 2e-2
+
+
+def test_inspect(artifact):
+    r = run("inspect", artifact)
+    for needle in ("target", "cpu", "passes", "prefill", "batch_verify", "kv_cache", "tvm 0.27"):
+        assert needle in r.stdout
+    info = json.loads(run("inspect", artifact, "--json").stdout)
+    assert info["metadata"]["model_type"] == "blockffn"
+
+
+def one_line_failure(r, needle):
+    assert r.returncode != 0, r.stdout
+    assert needle in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_unknown_target_lists_valid_ones_and_writes_nothing(tmp_path):
+    r = run("--target", "tpu", "--output", tmp_path / "x", check=False, entry="blockffn-compile")
+    one_line_failure(r, "valid targets: cpu")
+    assert not (tmp_path / "x").exists() and not list(tmp_path.iterdir())
+
+
+def test_list_targets():
+    assert "cpu" in run("--list-targets", entry="blockffn-compile").stdout
+
+
+def test_compile_failure_leaves_no_partial_folder(tmp_path):
+    r = run("compile", "--output", tmp_path / "x", "--context-window", 100000, check=False)
+    one_line_failure(r, "--context-window")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture
+def broken(artifact, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(artifact, dst)
+    return dst
+
+
+def _shard(folder):
+    return next(folder.glob("params_shard_*.bin"))
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda d: _shard(d).unlink(), "weight shard missing"),
+    (lambda d: _shard(d).write_bytes(_shard(d).read_bytes()[:-100]), "truncated"),
+    (lambda d: _shard(d).write_bytes(bytes([_shard(d).read_bytes()[0] ^ 1]) + _shard(d).read_bytes()[1:]),
+     "md5 mismatch"),
+    (lambda d: (d / "blockffn-manifest.json").write_text(
+        (d / "blockffn-manifest.json").read_text().replace('"tvm": "0.27.0.post1"', '"tvm": "0.26.0"')),
+     "built with tvm 0.26.0"),
+    (lambda d: (d / "mlc-chat-config.json").write_text("{not json"), "malformed JSON"),
+])
+def test_damaged_artifact_fails_with_one_line(broken, damage, needle):
+    damage(broken)
+    r = run("generate", "--artifact", broken, "--prompt", "hi", "--max-tokens", 4, check=False)
+    one_line_failure(r, needle)
+
+
+def test_prompt_longer_than_context_window(artifact):
+    r = run("generate", "--artifact", artifact, "--prompt", "word " * 400, "--max-tokens", 4, check=False)
+    one_line_failure(r, "context window")
