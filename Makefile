@@ -17,7 +17,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/blockffn eval --text blockffn/bundled/heldout.txt.xz
+	$(BIN)/blockffn eval --text blockffn/bundled/heldout.txt.xz --max-tokens 65536
+	$(BIN)/blockffn-compile --target cpu --output dist/blockffn-tiny-q0f32-cpu --overwrite
+	$(BIN)/blockffn inspect dist/blockffn-tiny-q0f32-cpu
+	$(BIN)/blockffn generate --artifact dist/blockffn-tiny-q0f32-cpu --prompt "The President said that" --max-tokens 48 --greedy
 	$(BIN)/blockffn generate --prompt "The President said that" --max-tokens 48 --greedy
 
 test: $(STAMP)
