@@ -43,6 +43,21 @@ def test_greedy_64_tokens_identical_pytorch_vs_artifact(artifact):
     assert len(b["tokens"]) == 64 or b["tokens"][-1] == load_model(default_model_path()).config.eos_token_id
 
 
+def test_sparse_and_dense_lowering_generate_the_same_tokens(artifact, tmp_path):
+    dense = tmp_path / "dense"
+    run("compile", "--ffn", "dense", "--output", dense, "--context-window", 256, "--prefill-chunk", 64)
+    manifest = json.loads((artifact / "blockffn-manifest.json").read_text())
+    assert manifest["ffn"]["sparse_functions"] == ["decode", "batch_decode", "batch_verify"]
+    assert "LowerBlockFFNSparse" in manifest["passes"]
+    assert "LowerBlockFFNSparse" not in json.loads((dense / "blockffn-manifest.json").read_text())["passes"]
+    prompt = "In the year of our Lord"
+    a = json.loads(run("generate", "--artifact", dense, "--prompt", prompt, "--max-tokens", 64, "--greedy",
+                       "--json").stdout)
+    b = json.loads(run("generate", "--artifact", artifact, "--prompt", prompt, "--max-tokens", 64, "--greedy",
+                       "--json").stdout)
+    assert a["tokens"] == b["tokens"]
+
+
 def test_sampling_is_seeded_and_uses_the_library_softmax(artifact):
     args = ("generate", "--artifact", artifact, "--prompt", "The sea", "--max-tokens", 16, "--temperature", 0.9,
             "--top-p", 0.9, "--seed", 7, "--json")

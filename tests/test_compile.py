@@ -33,14 +33,16 @@ def make_random_model(folder, kind):
     return folder
 
 
-@pytest.fixture(scope="module", params=["bundled", "mla", "gqa"])
+@pytest.fixture(scope="module", params=["bundled", "bundled-dense", "bundled-sparse", "mla", "gqa"])
 def compiled(request, tmp_path_factory):
+    """Artifacts under test: the bundled model with each --ffn policy, random official-shape MLA and GQA models
+    (default policy: sparse decode / batch_decode / batch_verify, dense prefill)."""
     root = tmp_path_factory.mktemp(f"art-{request.param}")
-    model_dir = default_model_path() if request.param == "bundled" else make_random_model(root / "model",
-                                                                                          request.param)
+    kind, _, ffn = request.param.partition("-")
+    model_dir = default_model_path() if kind == "bundled" else make_random_model(root / "model", kind)
     out = root / "artifact"
     compile_model(CompileOptions(model_dir=model_dir, output=out, context_window=256, prefill_chunk=64,
-                                 max_batch_size=4), log=lambda *_: None)
+                                 max_batch_size=4, ffn=ffn or "auto"), log=lambda *_: None)
     return load_model(model_dir), Engine(out), out
 
 

@@ -27,6 +27,23 @@ class CompileOptions:
     prefill_chunk: int | None = None
     max_batch_size: int = 8
     overwrite: bool = False
+    ffn: str = "auto"  # dense | sparse | auto
+
+
+MODEL_FUNCTIONS = ("prefill", "decode", "batch_prefill", "batch_decode", "batch_verify")
+# auto: a step's FFN touches only the union of its tokens' experts where the step has few tokens (decode,
+# speculative verification); long prefill chunks activate most experts anyway and run dense GEMMs.
+AUTO_SPARSE = ("decode", "batch_decode", "batch_verify")
+
+
+def sparse_functions(policy: str) -> list[str]:
+    if policy == "dense":
+        return []
+    if policy == "sparse":
+        return list(MODEL_FUNCTIONS)
+    if policy == "auto":
+        return list(AUTO_SPARSE)
+    raise BlockFFNError(f"unknown --ffn {policy!r}; use dense, sparse or auto")
 
 
 def _safe_name(text: str) -> str:
@@ -71,7 +88,7 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
 
     from blockffn.compiler import library_funcs
     from blockffn.compiler.pipeline import build_pipeline
-    from blockffn.compiler.relax_model import export_model
+    from blockffn.compiler.relax_model import DOWN_PROJ_TRANSPOSED, export_model, to_library_layout
 
     preset = get_target(opts.target)
     dtype = layout.storage_dtype(opts.quantization)
@@ -120,7 +137,14 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
             "blockffn_version": __version__, "target": preset.name,
         }
         bounds = {"seq_len": prefill_chunk, "batch_size": opts.max_batch_size, "total_seq_len": context}
-        pipeline, pass_names = build_pipeline(target, metadata, bounds)
+        sparse_fns = sparse_functions(opts.ffn)
+        graph_passes = []
+        if sparse_fns:
+            from blockffn.relax_passes.lower_sparse_ffn import LowerBlockFFNSparse
+
+            graph_passes.append(LowerBlockFFNSparse(sparse_fns, family=preset.kernel_family))
+        metadata["ffn"] = {"policy": opts.ffn, "sparse_functions": sparse_fns}
+        pipeline, pass_names = build_pipeline(target, metadata, bounds, graph_passes=graph_passes)
         with timer("passes"):
             with target:
                 lowered = pipeline(mod)
@@ -134,7 +158,11 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
             executable.export_library(str(tmp / lib_name))
         with timer("weights"):
             sd = model.state_dict()
-            tensors = {p["name"]: to_numpy(sd[p["name"]], dtype) for p in params_meta}
+            tensors = {p["name"]: to_numpy(to_library_layout(p["name"], sd[p["name"]]), dtype) for p in params_meta}
+            for p in params_meta:
+                if list(tensors[p["name"]].shape) != p["shape"]:
+                    raise BlockFFNError(f"internal: {p['name']} has shape {list(tensors[p['name']].shape)} but the "
+                                        f"library expects {p['shape']}")
             cache = write_tensor_cache(tensors, tmp)
             tokenizer_files = [f for f in TOKENIZER_FILES if (model_dir / f).exists()]
             for f in tokenizer_files:
@@ -152,9 +180,10 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
             "target": {"name": preset.name, "tvm_target": preset.target, "host_triple": preset.host_triple,
                        "device": preset.device},
             "quantization": opts.quantization, "dtype": dtype,
-            "weight_layout": "official HF names and layouts, unchanged",
+            "weight_layout": {"names": "official HF names", "transforms": [DOWN_PROJ_TRANSPOSED]},
             "library": lib_name,
             "passes": pass_names,
+            "ffn": metadata["ffn"],
             "functions": functions,
             "versions": {"tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__, "torch": torch.__version__,
                          "blockffn": __version__},

@@ -22,6 +22,16 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from blockffn.model.config import BlockFFNConfig
 
 BLOCKFFN_SUBROUTINE = "BlockFFN"  # prefix of the Relax functions that hold one BlockFFN layer
+# Compile-time weight layout transform, recorded in the artifact manifest: HF `mlp.down_proj` [d, E*De] is stored
+# transposed as [E*De, d] (expert-major slabs, like `mlp.up_proj`).
+DOWN_PROJ_TRANSPOSED = "model.layers.*.mlp.down_proj: HF [d, E*De] stored transposed as [E*De, d]"
+
+
+def to_library_layout(name: str, tensor):
+    """Apply the compile-time layout transform to one HF tensor (torch)."""
+    if name.endswith("mlp.down_proj"):
+        return tensor.t().contiguous()
+    return tensor
 
 
 class RMSNorm(nn.Module):
@@ -47,8 +57,10 @@ class BlockFFN(nn.Module):
         self.E, self.De, self.d = cfg.num_experts, cfg.expert_size, cfg.hidden_size
         self.router_proj = nn.Linear(self.d, self.E, bias=False, dtype=dtype)
         self.router_norm = RMSNorm(self.E, cfg.rms_norm_eps, dtype)
-        self.up_proj = nn.Parameter((self.E * self.De, self.d), dtype)
-        self.down_proj = nn.Parameter((self.d, self.E * self.De), dtype)
+        self.up_proj = nn.Parameter((self.E * self.De, self.d), dtype)  # HF layout: expert e = rows e*De..
+        # Stored transposed (see DOWN_PROJ_TRANSPOSED): [E*De, d], so each expert is one contiguous [De, d] slab
+        # for both projections and a gathered expert is a single contiguous read.
+        self.down_proj = nn.Parameter((self.E * self.De, self.d), dtype)
 
     def dense(self, x: Tensor, w_router: Tensor, w_norm: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
         b, s, _ = x.shape
@@ -57,7 +69,7 @@ class BlockFFN(nn.Module):
         h = op.silu(op.matmul(x, op.permute_dims(w_up)))  # [b, s, E*De]
         h = op.reshape(op.reshape(h, (b, s, self.E, self.De)) * op.reshape(gate, (b, s, self.E, 1)),
                        (b, s, self.E * self.De))
-        return op.matmul(h, op.permute_dims(w_down))
+        return op.matmul(h, w_down)
 
     def forward(self, x: Tensor) -> Tensor:
         bb = relax.BlockBuilder.current()

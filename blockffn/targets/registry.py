@@ -22,6 +22,7 @@ class TargetPreset:
     toolchain: str = "host C compiler (gcc/clang)"
     aliases: tuple = field(default_factory=tuple)
     device: str = "cpu"  # runtime device kind
+    kernel_family: str = "cpu"  # which sparse BlockFFN kernels (blockffn/schedules) the target uses
 
     def tvm_target(self):
         import tvm

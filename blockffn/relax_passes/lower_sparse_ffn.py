@@ -1,0 +1,139 @@
+"""LowerBlockFFNSparse: compute each BlockFFN layer over the union of the experts its tokens activate.
+
+The Relax model emits every BlockFFN layer as a call to a private function ``BlockFFN*`` with the arguments
+``(x [b, s, d], router [E, d], router_norm [E], up [E·De, d], down_t [E·De, d])`` (dense body).  For every
+function named in ``functions`` (e.g. ``decode``, ``batch_verify``) this pass redirects those calls to a
+``BlockFFN*_sparse`` twin:
+
+    a0   = x · routerᵀ                      (Relax matmul; same router as the dense path)
+    gate = RMSNorm(ReLU(a0)) ⊙ router_norm  (Relax)
+    idx, count = union(a0)                  (TIR: experts with a0 > 0 for any token of the call)
+    h    = up(x, gate, up, idx, count)      (TIR: gathered up-projection, SiLU, per-token gate)
+    y    = down(h, down_t, idx, count)      (TIR: gathered down-projection, fp32 accumulation)
+
+Calls from other functions keep the dense body, so one module can mix policies (dense prefill, sparse decode).
+A module without BlockFFN functions passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, PyExprVisitor, mutator, visitor
+
+from blockffn.compiler.relax_model import BLOCKFFN_SUBROUTINE
+
+SPARSE_SUFFIX = "_sparse"
+
+
+def blockffn_functions(mod: tvm.IRModule) -> dict:
+    """GlobalVars of the dense BlockFFN subroutines in ``mod``."""
+    return {gv: f for gv, f in mod.functions.items()
+            if isinstance(f, relax.Function) and gv.name_hint.startswith(BLOCKFFN_SUBROUTINE)
+            and not gv.name_hint.endswith(SPARSE_SUFFIX) and len(f.params) == 5}
+
+
+@visitor
+class _FindRMSNormEps(PyExprVisitor):
+    def __init__(self):
+        super().__init__()
+        self.eps = None
+
+    def visit_call_(self, call):  # noqa: N802
+        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.rms_norm":
+            self.eps = float(call.attrs.epsilon)
+        super().visit_call_(call)
+
+
+def _router_eps(func: relax.Function) -> float:
+    v = _FindRMSNormEps()
+    v.visit_expr(func)
+    if v.eps is None:
+        raise ValueError("BlockFFN function without a router RMSNorm")
+    return v.eps
+
+
+def _kernels(family: str, E: int, De: int, d: int, dtype: str):
+    if family == "cpu":
+        from blockffn.schedules import sparse_cpu as k
+
+        return k.union_kernel(E, dtype), k.up_kernel_cpu(E, De, d, dtype), k.down_kernel_cpu(E, De, d, dtype)
+    if family == "gpu":
+        from blockffn.schedules import sparse_gpu as k
+
+        return k.union_kernel(E, dtype), k.up_kernel_gpu(E, De, d, dtype), k.down_kernel_gpu(E, De, d, dtype)
+    raise ValueError(f"no sparse kernels for target family {family!r}")
+
+
+def _build_sparse_twin(bb: relax.BlockBuilder, name: str, dense: relax.Function, family: str) -> tvm.ir.GlobalVar:
+    x_ty, router_ty, _, up_ty, _ = [p.ty for p in dense.params]
+    E, d = (int(v) for v in router_ty.shape)
+    De = int(up_ty.shape[0]) // E
+    dtype = x_ty.dtype
+    eps = _router_eps(dense)
+    f_union, f_up, f_down = _kernels(family, E, De, d, dtype)
+    gv_union = bb.add_func(f_union, f"blockffn_union_e{E}")
+    gv_up = bb.add_func(f_up, f"blockffn_sparse_up_e{E}_de{De}_d{d}_{dtype}")
+    gv_down = bb.add_func(f_down, f"blockffn_sparse_down_e{E}_de{De}_d{d}_{dtype}")
+    params = [relax.Var(p.name, p.ty) for p in dense.params]
+    x, w_router, w_norm, w_up, w_down = params
+    b, s = x_ty.shape[0], x_ty.shape[1]
+    with bb.function(name + SPARSE_SUFFIX, params, private=True):
+        with bb.dataflow():
+            n = b * s
+            x2 = bb.emit(relax.op.reshape(x, relax.ShapeExpr([n, d])))
+            a0 = bb.emit(relax.op.matmul(x2, relax.op.permute_dims(w_router)))
+            gate = bb.emit(relax.op.nn.rms_norm(relax.op.nn.relu(a0), w_norm, axes=[-1], epsilon=eps))
+            union = bb.emit(relax.call_tir(gv_union, [a0], [relax.TensorType((E,), "int32"),
+                                                            relax.TensorType((1,), "int32")]))
+            idx, count = bb.emit(relax.TupleGetItem(union, 0)), bb.emit(relax.TupleGetItem(union, 1))
+            h = bb.emit(relax.call_tir(gv_up, [x2, gate, w_up, idx, count],
+                                       relax.TensorType([n, E, De], "float32")))
+            y = bb.emit(relax.call_tir(gv_down, [h, w_down, idx, count], relax.TensorType([n, d], "float32")))
+            if dtype != "float32":
+                y = bb.emit(relax.op.astype(y, dtype))
+            out = bb.emit_output(relax.op.reshape(y, relax.ShapeExpr([b, s, d])))
+        gv = bb.emit_func_output(out)
+    return gv
+
+
+@mutator
+class _Redirect(PyExprMutator):
+    def __init__(self, mod, mapping):
+        super().__init__(mod)
+        self.mapping = mapping
+        self.count = 0
+
+    def visit_call_(self, call):  # noqa: N802
+        call = super().visit_call_(call)
+        if isinstance(call.op, tvm.ir.GlobalVar) and call.op in self.mapping:
+            self.count += 1
+            return relax.Call(self.mapping[call.op], call.args, call.attrs, call.ty_args)
+        return call
+
+
+@tvm.transform.module_pass(opt_level=0, name="LowerBlockFFNSparse")
+class LowerBlockFFNSparse:
+    """Redirect BlockFFN calls in ``functions`` to their sparse twins (kernels for ``family``: cpu or gpu)."""
+
+    def __init__(self, functions, family: str = "cpu"):
+        self.functions = set(functions)
+        self.family = family
+        self.rewritten: dict[str, int] = {}
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        dense = blockffn_functions(mod)
+        targets = [gv for gv, f in mod.functions.items()
+                   if isinstance(f, relax.Function) and gv.name_hint in self.functions]
+        if not dense or not targets:
+            return mod
+        bb = relax.BlockBuilder(mod)
+        mapping = {gv: _build_sparse_twin(bb, gv.name_hint, f, self.family) for gv, f in dense.items()}
+        mod = bb.get()
+        redirect = _Redirect(mod, mapping)
+        for gv in targets:
+            before = redirect.count
+            redirect.builder_.update_func(gv, redirect.visit_expr(mod[gv]))
+            self.rewritten[gv.name_hint] = redirect.count - before
+        mod = redirect.builder_.get()
+        return relax.transform.DeadCodeElimination()(mod)
