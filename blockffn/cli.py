@@ -269,6 +269,7 @@ def _compile_options(f):
         click.option("--context-window", type=int, default=None, help="Max tokens per sequence."),
         click.option("--prefill-chunk", type=int, default=None, help="Max tokens per prefill call."),
         click.option("--max-batch-size", type=int, default=8, show_default=True),
+        click.option("--arch", default=None, help="CUDA SM for cuda targets, e.g. sm_87 (default: the preset's)."),
         click.option("--ffn", type=click.Choice(["auto", "dense", "sparse"]), default="auto", show_default=True,
                      help="BlockFFN lowering: auto = sparse decode/verify, dense prefill."),
         click.option("--overwrite", is_flag=True, help="Replace an existing output folder."),
@@ -280,7 +281,7 @@ def _compile_options(f):
 
 
 def _run_compile(model_dir, target, quantization, output, context_window, prefill_chunk, max_batch_size, ffn,
-                 overwrite, list_targets) -> None:
+                 arch, overwrite, list_targets) -> None:
     from blockffn.targets import list_targets as presets
 
     if list_targets:
@@ -292,7 +293,7 @@ def _run_compile(model_dir, target, quantization, output, context_window, prefil
 
     opts = CompileOptions(model_dir=_model_dir(model_dir), target=target, quantization=quantization, output=output,
                           context_window=context_window, prefill_chunk=prefill_chunk, max_batch_size=max_batch_size,
-                          overwrite=overwrite, ffn=ffn)
+                          overwrite=overwrite, ffn=ffn, arch=arch)
     r = compile_model(opts, log=click.echo)
     mb = 1 / 2**20
     click.echo("memory:")

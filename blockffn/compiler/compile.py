@@ -28,6 +28,7 @@ class CompileOptions:
     max_batch_size: int = 8
     overwrite: bool = False
     ffn: str = "auto"  # dense | sparse | auto
+    arch: str | None = None  # CUDA SM override, e.g. sm_87
 
 
 MODEL_FUNCTIONS = ("prefill", "decode", "batch_prefill", "batch_decode", "batch_verify")
@@ -109,14 +110,18 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
     if output.suffix in (".so", ".tar", ".dylib"):
         raise BlockFFNError(f"--output {output}: target {preset.name} writes an artifact folder; give a folder path")
     lib_name = f"{name}-{opts.quantization}-{preset.name}{preset.lib_suffix}"
-    target = preset.tvm_target()
+    target = preset.tvm_target(opts.arch)
+    if target.kind.name == "cuda":
+        from blockffn.targets.cuda_build import configure_cuda_build
+
+        configure_cuda_build(str(target.arch).removeprefix("sm_"))
     timer = PhaseTimer(log)
     log(f"compiling {model_dir} for {preset.name} ({opts.quantization}) -> {output}")
 
     with atomic_output_dir(output, overwrite=opts.overwrite) as tmp:
         with timer("export"):
             mod, named_params, _ = export_model(cfg, dtype, target)
-            mod = library_funcs.add_logit_processors(mod)
+            mod = library_funcs.add_logit_processors(mod, target)
             mod = library_funcs.add_softmax_with_temperature(mod)
             mod = library_funcs.add_alloc_embedding_tensor(mod, prefill_chunk, cfg.hidden_size, dtype)
         params_meta = [{"name": n, "shape": [int(s) for s in p.shape], "dtype": dtype, "preprocs": [],
@@ -144,7 +149,10 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
 
             graph_passes.append(LowerBlockFFNSparse(sparse_fns, family=preset.kernel_family))
         metadata["ffn"] = {"policy": opts.ffn, "sparse_functions": sparse_fns}
-        pipeline, pass_names = build_pipeline(target, metadata, bounds, graph_passes=graph_passes)
+        from blockffn.schedules.dlight_rules import schedule_passes
+
+        pipeline, pass_names = build_pipeline(target, metadata, bounds, graph_passes=graph_passes,
+                                              schedule_passes=schedule_passes(target))
         with timer("passes"):
             with target:
                 lowered = pipeline(mod)
@@ -177,7 +185,8 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
             "blockffn_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": {"path": str(model_dir.resolve()), "sha256": checkpoint_sha256(model_dir)},
-            "target": {"name": preset.name, "tvm_target": preset.target, "host_triple": preset.host_triple,
+            "target": {"name": preset.name, "tvm_target": preset.target_json(opts.arch),
+                       "host_triple": preset.host_triple,
                        "device": preset.device},
             "quantization": opts.quantization, "dtype": dtype,
             "weight_layout": {"names": "official HF names", "transforms": [DOWN_PROJ_TRANSPOSED]},

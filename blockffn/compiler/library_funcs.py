@@ -76,9 +76,87 @@ def _apply_bitmask_inplace():
     return apply_bitmask_inplace
 
 
-def add_logit_processors(mod: tvm.IRModule) -> tvm.IRModule:
-    mod = mod.clone() if hasattr(mod, "clone") else mod
-    for factory in (_apply_logit_bias_inplace, _apply_penalty_inplace, _apply_bitmask_inplace):
+TPB = 256  # threads per block of the GPU variants
+
+
+def _apply_logit_bias_inplace_gpu():
+    @T.prim_func
+    def apply_logit_bias_inplace(var_logits: T.handle, var_pos2seq_id: T.handle, var_token_ids: T.handle,
+                                 var_logit_bias: T.handle):
+        T.func_attr({"global_symbol": "apply_logit_bias_inplace", "tirx.noalias": True, "tirx.is_scheduled": True})
+        batch_size = T.int32()
+        vocab_size = T.int32()
+        num_token = T.int32()
+        logits = T.match_buffer(var_logits, (batch_size, vocab_size), "float32")
+        pos2seq_id = T.match_buffer(var_pos2seq_id, (num_token,), "int32")
+        token_ids = T.match_buffer(var_token_ids, (num_token,), "int32")
+        logit_bias = T.match_buffer(var_logit_bias, (num_token,), "float32")
+        for bx in T.thread_binding((num_token + TPB - 1) // TPB, thread="blockIdx.x"):
+            for tx in T.thread_binding(TPB, thread="threadIdx.x"):
+                if bx * TPB + tx < num_token:
+                    i = bx * TPB + tx
+                    logits[pos2seq_id[i], token_ids[i]] = logits[pos2seq_id[i], token_ids[i]] + logit_bias[i]
+
+    return apply_logit_bias_inplace
+
+
+def _apply_penalty_inplace_gpu():
+    @T.prim_func
+    def apply_penalty_inplace(var_logits: T.handle, var_seq_ids: T.handle, var_pos2seq_id: T.handle,
+                              var_token_ids: T.handle, var_token_cnt: T.handle, var_penalties: T.handle):
+        T.func_attr({"global_symbol": "apply_penalty_inplace", "tirx.noalias": True, "tirx.is_scheduled": True})
+        batch_size = T.int32()
+        vocab_size = T.int32()
+        num_token = T.int32()
+        num_seq = T.int32()
+        logits = T.match_buffer(var_logits, (batch_size, vocab_size), "float32")
+        seq_ids = T.match_buffer(var_seq_ids, (num_seq,), "int32")
+        pos2seq_id = T.match_buffer(var_pos2seq_id, (num_token,), "int32")
+        token_ids = T.match_buffer(var_token_ids, (num_token,), "int32")
+        token_cnt = T.match_buffer(var_token_cnt, (num_token,), "int32")
+        penalties = T.match_buffer(var_penalties, (num_seq, 3), "float32")
+        for bx in T.thread_binding((num_token + TPB - 1) // TPB, thread="blockIdx.x"):
+            for tx in T.thread_binding(TPB, thread="threadIdx.x"):
+                if bx * TPB + tx < num_token:
+                    i = bx * TPB + tx
+                    row = seq_ids[pos2seq_id[i]]
+                    s = pos2seq_id[i]
+                    v = logits[row, token_ids[i]] - (penalties[s, 0]
+                                                     + T.Cast("float32", token_cnt[i]) * penalties[s, 1])
+                    logits[row, token_ids[i]] = T.if_then_else(v < T.float32(0), v * penalties[s, 2],
+                                                               v / penalties[s, 2])
+
+    return apply_penalty_inplace
+
+
+def _apply_bitmask_inplace_gpu():
+    @T.prim_func
+    def apply_bitmask_inplace(var_logits: T.handle, var_seq_ids: T.handle, var_bitmask: T.handle):
+        T.func_attr({"global_symbol": "apply_bitmask_inplace", "tirx.noalias": True, "tirx.is_scheduled": True})
+        batch_size = T.int32()
+        vocab_size = T.int32()
+        num_seq = T.int32()
+        logits = T.match_buffer(var_logits, (batch_size, vocab_size), "float32")
+        seq_ids = T.match_buffer(var_seq_ids, (num_seq,), "int32")
+        bitmask = T.match_buffer(var_bitmask, (batch_size, (vocab_size + 31) // 32), "int32")
+        for bx in T.thread_binding((num_seq * vocab_size + TPB - 1) // TPB, thread="blockIdx.x"):
+            for tx in T.thread_binding(TPB, thread="threadIdx.x"):
+                if bx * TPB + tx < num_seq * vocab_size:
+                    row = seq_ids[(bx * TPB + tx) // vocab_size]
+                    v = (bx * TPB + tx) % vocab_size
+                    logits[row, v] = T.if_then_else(
+                        T.bitwise_and(T.shift_right(bitmask[row, v // 32], v % 32), 1) == 1,
+                        logits[row, v], T.min_value("float32"))
+
+    return apply_bitmask_inplace
+
+
+def add_logit_processors(mod: tvm.IRModule, target=None) -> tvm.IRModule:
+    """The three in-place logit processors: plain loops for CPU, thread-bound variants for GPU targets."""
+    gpu = target is not None and target.kind.name != "llvm"
+    factories = ((_apply_logit_bias_inplace_gpu, _apply_penalty_inplace_gpu, _apply_bitmask_inplace_gpu) if gpu
+                 else (_apply_logit_bias_inplace, _apply_penalty_inplace, _apply_bitmask_inplace))
+    for factory in factories:
         func = factory()
         mod[func.attrs["global_symbol"]] = func
     return mod

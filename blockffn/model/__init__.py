@@ -1,9 +1,25 @@
-"""PyTorch BlockFFN model, configs, presets and official-format checkpoint IO."""
+"""PyTorch BlockFFN model, configs, presets and official-format checkpoint IO.
 
-from blockffn.model.checkpoint import load_model, save_model
-from blockffn.model.config import BlockFFNConfig
-from blockffn.model.modeling import BlockFFNForCausalLM, KVCache
-from blockffn.model.presets import PRESETS, preset_config
+Names are resolved lazily so that light users (the runtime reading an artifact's config) do not import torch or
+safetensors.
+"""
 
-__all__ = ["BlockFFNConfig", "BlockFFNForCausalLM", "KVCache", "PRESETS", "load_model", "preset_config",
-           "save_model"]
+from importlib import import_module
+
+_EXPORTS = {
+    "BlockFFNConfig": "blockffn.model.config",
+    "BlockFFNForCausalLM": "blockffn.model.modeling",
+    "KVCache": "blockffn.model.modeling",
+    "PRESETS": "blockffn.model.presets",
+    "preset_config": "blockffn.model.presets",
+    "load_model": "blockffn.model.checkpoint",
+    "save_model": "blockffn.model.checkpoint",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'blockffn.model' has no attribute {name!r}")

@@ -71,7 +71,8 @@ def _build_sparse_twin(bb: relax.BlockBuilder, name: str, dense: relax.Function,
     De = int(up_ty.shape[0]) // E
     dtype = x_ty.dtype
     eps = _router_eps(dense)
-    f_union, f_up, f_down = _kernels(family, E, De, d, dtype)
+    # kernels are private (no global_symbol) so the same kernel added for several layers' twins is deduplicated
+    f_union, f_up, f_down = (f.without_attr("global_symbol") for f in _kernels(family, E, De, d, dtype))
     gv_union = bb.add_func(f_union, f"blockffn_union_e{E}")
     gv_up = bb.add_func(f_up, f"blockffn_sparse_up_e{E}_de{De}_d{d}_{dtype}")
     gv_down = bb.add_func(f_down, f"blockffn_sparse_down_e{E}_de{De}_d{d}_{dtype}")

@@ -39,7 +39,7 @@ class Engine:
     def __init__(self, artifact_dir, device: str = "cpu", max_total_seq_len: int | None = None,
                  page_size: int = 16, verify_md5: bool = True):
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # runtime-only: no tvm.relax (compiler) import
 
         self.art: Artifact = open_artifact(artifact_dir, verify_md5=verify_md5)
         if self.art.manifest["target"]["device"] != device:
@@ -56,7 +56,7 @@ class Engine:
         except Exception as e:  # TVM raises its own error classes
             raise ArtifactError(f"{self.art.library}: cannot be loaded ({str(e).splitlines()[0]})") from None
         self.lib = lib
-        self.vm = relax.VirtualMachine(lib, self.dev)
+        self.vm = VirtualMachine(lib, self.dev)
         self._load_params()
         self._f = {name: tvm.get_global_func(f"vm.builtin.{name}") for name in (
             "kv_state_add_sequence", "kv_state_remove_sequence", "kv_state_fork_sequence",

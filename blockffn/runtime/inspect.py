@@ -11,9 +11,9 @@ from blockffn.artifacts.reader import open_artifact
 def library_metadata(library: Path) -> dict:
     """Call the library's `_metadata()`; only possible for libraries this machine can load."""
     import tvm
-    from tvm import relax
+    from tvm.runtime.vm import VirtualMachine
 
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
+    vm = VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
     return json.loads(str(vm["_metadata"]()))
 
 

@@ -24,10 +24,22 @@ class TargetPreset:
     device: str = "cpu"  # runtime device kind
     kernel_family: str = "cpu"  # which sparse BlockFFN kernels (blockffn/schedules) the target uses
 
-    def tvm_target(self):
+    def target_json(self, arch: str | None = None) -> dict:
+        """The target dict, with a CUDA arch override (``sm_90`` or ``90``) applied."""
+        t = dict(self.target)
+        if arch:
+            if t.get("kind") != "cuda":
+                raise BlockFFNError(f"--arch applies to CUDA targets only, not {self.name}")
+            sm = arch.lower().removeprefix("sm_")
+            if not sm.isdigit():
+                raise BlockFFNError(f"--arch must look like sm_87 or 87, got {arch!r}")
+            t["arch"] = f"sm_{sm}"
+        return t
+
+    def tvm_target(self, arch: str | None = None):
         import tvm
 
-        return tvm.target.Target(self.target)
+        return tvm.target.Target(self.target_json(arch))
 
 
 def _host_triple() -> str:
@@ -35,10 +47,32 @@ def _host_triple() -> str:
                                                                           platform.machine())
 
 
+def _local_cuda_arch() -> str:
+    """Compute capability of the local GPU (nvidia-smi), else sm_90; override with --arch."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi"):
+        r = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                           text=True)
+        cap = r.stdout.strip().splitlines()[0].replace(".", "") if r.returncode == 0 and r.stdout.strip() else ""
+        if cap.isdigit():
+            return f"sm_{cap}"
+    return "sm_90"
+
+
+_CUDA_LIMITS = {"max_threads_per_block": 1024, "max_num_threads": 1024, "thread_warp_size": 32,
+                "max_shared_memory_per_block": 49152}
+
 TARGETS: dict[str, TargetPreset] = {
     "cpu": TargetPreset(
         name="cpu", description="this machine's CPU (LLVM, all cores)",
         target={"kind": "llvm"}, host_triple=_host_triple(), lib_suffix=".so"),
+    "cuda": TargetPreset(
+        name="cuda", description="local NVIDIA GPU (arch from nvidia-smi, else sm_90; --arch overrides)",
+        target={"kind": "cuda", "arch": _local_cuda_arch(), **_CUDA_LIMITS, "host": {"kind": "llvm"}},
+        host_triple=_host_triple(), lib_suffix=".so", toolchain="nvcc (CUDA toolkit) + host C compiler",
+        device="cuda", kernel_family="gpu"),
 }
 
 

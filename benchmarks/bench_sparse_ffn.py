@@ -1,0 +1,104 @@
+"""Sparse (union-of-active-experts) vs dense BlockFFN layer on this CPU, and vs PyTorch's dense FFN.
+
+    python benchmarks/bench_sparse_ffn.py [--shape small|3b|tiny] [--tokens 1 8 32] [--active 0.1 0.2 0.5]
+
+One BlockFFN layer is compiled twice from the same Relax function: as exported (dense: every expert, exact-zero
+gates) and after LowerBlockFFNSparse (router -> union -> gathered up/down kernels).  Router weights are solved so
+that exactly the requested fraction of experts is active in the union of the step's tokens.  Prints median ms
+(TVM time_evaluator; torch.utils.benchmark for PyTorch) and the ratios, all measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tvm
+from torch.utils import benchmark as tbench
+from tvm import relax
+from tvm.relax.frontend import nn
+
+from blockffn.compiler.relax_model import BlockFFN
+from blockffn.model import preset_config
+from blockffn.relax_passes.lower_sparse_ffn import LowerBlockFFNSparse
+
+
+class OneLayer(nn.Module):
+    def __init__(self, cfg):
+        self.mlp = BlockFFN(cfg, "float32")
+
+    def dense(self, x: nn.Tensor):
+        return self.mlp(x)
+
+    def sparse(self, x: nn.Tensor):
+        return self.mlp(x)
+
+
+def build(cfg):
+    BlockFFN._cache.clear()
+    m = OneLayer(cfg)
+    spec = {n: {"x": nn.spec.Tensor([1, "n", cfg.hidden_size], "float32"),
+                "$": {"param_mode": "packed", "effect_mode": "none"}} for n in ("dense", "sparse")}
+    mod, _ = m.export_tvm(spec=spec)
+    mod = LowerBlockFFNSparse(["sparse"])(mod)
+    mod = relax.transform.FuseTransposeMatmul()(mod)  # the dense path's schedule-friendly NT matmuls
+    return relax.VirtualMachine(tvm.compile(mod, tvm.target.Target({"kind": "llvm"})), tvm.cpu())
+
+
+def weights(cfg, T, active, rng):
+    E, De, d = cfg.num_experts, cfg.expert_size, cfg.hidden_size
+    n_act = max(1, round(active * E))
+    union = rng.choice(E, n_act, replace=False)
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    target = -np.ones((T, E))
+    for t in range(T):  # every token uses a subset of the union; together they cover it
+        mine = union[rng.random(n_act) < 0.8] if T > 1 else union
+        target[t, mine] = 1.0
+    target[0, union] = 1.0
+    w_r = np.linalg.lstsq(x.astype(np.float64), target, rcond=None)[0].T.astype(np.float32)
+    return x, [w_r, np.ones(E, np.float32), (rng.standard_normal((E * De, d)) * 0.02).astype(np.float32),
+               (rng.standard_normal((E * De, d)) * 0.02).astype(np.float32)], n_act
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="small", choices=["tiny", "small", "3b"])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--active", type=float, nargs="+", default=[0.1, 0.2, 0.5])
+    args = ap.parse_args()
+    cfg = preset_config(args.shape, num_hidden_layers=1)
+    vm = build(cfg)
+    rng = np.random.default_rng(0)
+    dev = tvm.cpu()
+    print(f"shape {args.shape}: d={cfg.hidden_size} E={cfg.num_experts} De={cfg.expert_size}, torch threads "
+          f"{torch.get_num_threads()}")
+    print(f"{'T':>3} {'active':>7} {'dense ms':>9} {'sparse ms':>10} {'torch ms':>9} {'dense/sparse':>13} "
+          f"{'torch/sparse':>13} {'max rel err':>12}")
+    for T in args.tokens:
+        for active in args.active:
+            x, w, n_act = weights(cfg, T, active, rng)
+            params = [tvm.runtime.tensor(a, dev) for a in w]
+            xt = tvm.runtime.tensor(x[None], dev)
+            t_dense = vm.time_evaluator("dense", dev, number=20, repeat=5)(xt, params).median * 1e3
+            t_sparse = vm.time_evaluator("sparse", dev, number=20, repeat=5)(xt, params).median * 1e3
+            d_out, s_out = vm["dense"](xt, params).numpy(), vm["sparse"](xt, params).numpy()
+            err = np.abs(d_out - s_out).max() / np.abs(d_out).max()
+            tw = [torch.from_numpy(a) for a in w]
+            xx = torch.from_numpy(x)
+
+            def torch_ffn():
+                a0 = F.linear(xx, tw[0])
+                g = F.relu(a0)
+                g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + 1e-5) * tw[1]
+                h = F.silu(F.linear(xx, tw[2])).view(T, cfg.num_experts, cfg.expert_size) * g[..., None]
+                return h.view(T, -1) @ tw[3]
+
+            t_torch = tbench.Timer("f()", globals={"f": torch_ffn}).blocked_autorange(min_run_time=0.5).median * 1e3
+            print(f"{T:>3} {n_act / cfg.num_experts:>7.0%} {t_dense:>9.3f} {t_sparse:>10.3f} {t_torch:>9.3f} "
+                  f"{t_dense / t_sparse:>12.2f}x {t_torch / t_sparse:>12.2f}x {err:>12.1e}")
+
+
+if __name__ == "__main__":
+    main()
