@@ -1,6 +1,10 @@
-"""Sparse (union-of-active-experts) vs dense BlockFFN layer on this CPU, and vs PyTorch's dense FFN.
+"""Sparse (union-of-active-experts) vs dense lowering of one BlockFFN layer, and PyTorch's dense FFN.
 
-    python benchmarks/bench_sparse_ffn.py [--shape small|3b|tiny] [--tokens 1 8 32] [--active 0.1 0.2 0.5]
+    python benchmarks/ffn_sparsity.py --target cpu --preset small|xlarge|3b|tiny [--json OUT.json]
+        [--tokens 1 8 32] [--active 0.05 0.1 0.2 0.3 0.5 1.0]
+
+(--target cuda needs a GPU machine with the TVM compiler installed; see benchmarks/gpu_check.py for running
+prebuilt CUDA artifacts with the runtime only.)
 
 One BlockFFN layer is compiled twice from the same Relax function: as exported (dense: every expert, exact-zero
 gates) and after LowerBlockFFNSparse (router -> union -> gathered up/down kernels).  Router weights are solved so
@@ -11,6 +15,7 @@ that exactly the requested fraction of experts is active in the union of the ste
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import torch
@@ -36,15 +41,23 @@ class OneLayer(nn.Module):
         return self.mlp(x)
 
 
-def build(cfg):
+def build(cfg, target="cpu"):
     BlockFFN._cache.clear()
     m = OneLayer(cfg)
     spec = {n: {"x": nn.spec.Tensor([1, "n", cfg.hidden_size], "float32"),
                 "$": {"param_mode": "packed", "effect_mode": "none"}} for n in ("dense", "sparse")}
     mod, _ = m.export_tvm(spec=spec)
-    mod = LowerBlockFFNSparse(["sparse"])(mod)
+    mod = LowerBlockFFNSparse(["sparse"], family="cpu" if target == "cpu" else "gpu")(mod)
     mod = relax.transform.FuseTransposeMatmul()(mod)  # the dense path's schedule-friendly NT matmuls
-    return relax.VirtualMachine(tvm.compile(mod, tvm.target.Target({"kind": "llvm"})), tvm.cpu())
+    if target == "cpu":
+        return relax.VirtualMachine(tvm.compile(mod, tvm.target.Target({"kind": "llvm"})), tvm.cpu()), tvm.cpu()
+    from blockffn.compiler.pipeline import build_pipeline
+    from blockffn.schedules.dlight_rules import schedule_passes
+    from blockffn.targets import get_target
+
+    tgt = get_target("cuda").tvm_target()
+    pipe, _ = build_pipeline(tgt, {}, {"n": 64}, schedule_passes=schedule_passes(tgt))
+    return relax.VirtualMachine(tvm.compile(mod, tgt, relax_pipeline=pipe), tvm.cuda()), tvm.cuda()
 
 
 def weights(cfg, T, active, rng):
@@ -64,18 +77,21 @@ def weights(cfg, T, active, rng):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="small", choices=["tiny", "small", "3b"])
+    ap.add_argument("--target", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--preset", default="small", choices=["tiny", "small", "medium", "large", "xlarge", "3b"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--active", type=float, nargs="+", default=[0.1, 0.2, 0.5])
+    ap.add_argument("--active", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.5, 1.0])
+    ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args()
-    cfg = preset_config(args.shape, num_hidden_layers=1)
-    vm = build(cfg)
+    cfg = preset_config(args.preset, num_hidden_layers=1)
+    vm, dev = build(cfg, args.target)
     rng = np.random.default_rng(0)
-    dev = tvm.cpu()
-    print(f"shape {args.shape}: d={cfg.hidden_size} E={cfg.num_experts} De={cfg.expert_size}, torch threads "
+    rows = []
+    print(f"preset {args.preset} on {args.target}: d={cfg.hidden_size} E={cfg.num_experts} De={cfg.expert_size}, "
+          f"torch threads "
           f"{torch.get_num_threads()}")
-    print(f"{'T':>3} {'active':>7} {'dense ms':>9} {'sparse ms':>10} {'torch ms':>9} {'dense/sparse':>13} "
-          f"{'torch/sparse':>13} {'max rel err':>12}")
+    print(f"{'T':>3} {'active':>7} {'dense ms':>9} {'sparse ms':>10} {'torch ms':>9} {'sparse/dense':>13} "
+          f"{'sparse/torch':>13} {'dense/torch':>12} {'max rel err':>12}")
     for T in args.tokens:
         for active in args.active:
             x, w, n_act = weights(cfg, T, active, rng)
@@ -96,8 +112,14 @@ def main() -> None:
                 return h.view(T, -1) @ tw[3]
 
             t_torch = tbench.Timer("f()", globals={"f": torch_ffn}).blocked_autorange(min_run_time=0.5).median * 1e3
-            print(f"{T:>3} {n_act / cfg.num_experts:>7.0%} {t_dense:>9.3f} {t_sparse:>10.3f} {t_torch:>9.3f} "
-                  f"{t_dense / t_sparse:>12.2f}x {t_torch / t_sparse:>12.2f}x {err:>12.1e}")
+            frac = n_act / cfg.num_experts
+            rows.append({"tokens": T, "active": round(frac, 4), "dense_ms": t_dense, "sparse_ms": t_sparse,
+                         "torch_ms": t_torch, "max_rel_err": float(err)})
+            print(f"{T:>3} {frac:>7.0%} {t_dense:>9.3f} {t_sparse:>10.3f} {t_torch:>9.3f} "
+                  f"{t_sparse / t_dense:>13.3f} {t_sparse / t_torch:>13.2f} {t_dense / t_torch:>12.2f} {err:>12.1e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":
