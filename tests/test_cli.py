@@ -50,6 +50,11 @@ def test_eval_json_on_bundled_model():
     assert out["cls"]["8"] <= out["cls"]["1"]
 
 
+def test_bundled_model_meets_its_sparsity_goals():
+    out = json.loads(run("eval", "--text", HELDOUT, "--max-tokens", 16384, "--json").stdout)
+    assert out["tls"] >= 0.75 and out["cls"]["8"] >= 0.55
+
+
 def test_eval_sparse_matches_dense():
     dense = json.loads(run("eval", "--text", HELDOUT, "--max-tokens", 1024, "--json").stdout)
     sparse = json.loads(run("eval", "--text", HELDOUT, "--max-tokens", 1024, "--json", "--sparse").stdout)

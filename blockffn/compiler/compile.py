@@ -73,6 +73,13 @@ class PhaseTimer:
         return _Phase()
 
 
+def system_lib_prefix(model_name: str, quantization: str) -> str:
+    """Symbol prefix of a system library: model name + quantization, [A-Za-z0-9_] only, not starting with a digit.
+    The MLC apps load it as ``system://<prefix without the trailing _>``."""
+    prefix = re.sub(r"[^A-Za-z0-9_]", "_", f"{model_name}_{quantization}_")
+    return prefix if not prefix[0].isdigit() else "m_" + prefix
+
+
 def kv_cache_bytes(cfg, context_window: int, dtype: str) -> int:
     """Bytes of K and V for one full-context sequence (what the paged cache needs per sequence)."""
     from blockffn.compiler.relax_model import RelaxBlockFFN
@@ -110,6 +117,17 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
     if output.suffix in (".so", ".tar", ".dylib"):
         raise BlockFFNError(f"--output {output}: target {preset.name} writes an artifact folder; give a folder path")
     lib_name = f"{name}-{opts.quantization}-{preset.name}{preset.lib_suffix}"
+    fcompile = None
+    if preset.cross_cxx:
+        import shutil as _shutil
+
+        if _shutil.which(preset.cross_cxx) is None:
+            raise BlockFFNError(f"target {preset.name} links with {preset.cross_cxx}, which is not installed "
+                                f"(Debian: apt-get install {preset.cross_package})")
+        from tvm.support import cc
+
+        fcompile = cc.cross_compiler(preset.cross_cxx)
+    prefix = system_lib_prefix(name, opts.quantization) if preset.system_lib else None
     target = preset.tvm_target(opts.arch)
     if target.kind.name == "cuda":
         from blockffn.targets.cuda_build import configure_cuda_build
@@ -153,17 +171,27 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
 
         pipeline, pass_names = build_pipeline(target, metadata, bounds, graph_passes=graph_passes,
                                               schedule_passes=schedule_passes(target))
+        if prefix is not None:
+            mod = mod.with_attr("system_lib_prefix", prefix)
+        from blockffn.schedules.dlight_rules import metal_simdgroup_disabled
+
         with timer("passes"):
-            with target:
+            with target, metal_simdgroup_disabled(target):
                 lowered = pipeline(mod)
         from tvm import relax
 
         functions = sorted(gv.name_hint for gv, f in lowered.functions.items()
                            if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs)
         with timer("build"):
-            executable = tvm.compile(lowered, target, relax_pipeline=tvm.transform.Sequential([]))
+            from tvm import relax as _relax
+
+            executable = _relax.build(lowered, target, relax_pipeline=tvm.transform.Sequential([]),
+                                      system_lib=preset.system_lib)
         with timer("export_library"):
-            executable.export_library(str(tmp / lib_name))
+            if fcompile is not None:
+                executable.export_library(str(tmp / lib_name), fcompile=fcompile)
+            else:
+                executable.export_library(str(tmp / lib_name))
         with timer("weights"):
             sd = model.state_dict()
             tensors = {p["name"]: to_numpy(to_library_layout(p["name"], sd[p["name"]]), dtype) for p in params_meta}
@@ -191,6 +219,7 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
             "quantization": opts.quantization, "dtype": dtype,
             "weight_layout": {"names": "official HF names", "transforms": [DOWN_PROJ_TRANSPOSED]},
             "library": lib_name,
+            "system_lib_prefix": prefix,
             "passes": pass_names,
             "ffn": metadata["ffn"],
             "functions": functions,

@@ -7,6 +7,30 @@ last so every remaining kernel gets threads bound (required on Metal/OpenCL).
 
 from __future__ import annotations
 
+import contextlib
+
+
+@contextlib.contextmanager
+def metal_simdgroup_disabled(target):
+    """Disable dl.gpu.Matmul's Metal simdgroup tensorization while lowering for Metal: on the 0.27 wheel its
+    schedules fail to lower for our dynamic-length matmuls ("Cannot treat type ir.Call as type ir.Expr").  Matmul
+    catches the error and falls back to its SIMT schedule.  TVM's own GPU legalize phase also runs dlight, so the
+    whole pipeline runs inside this context."""
+    if target.kind.name != "metal":
+        yield
+        return
+    from tvm.s_tir.dlight.gpu import matmul as matmul_mod
+
+    def _disabled(*_a, **_k):
+        raise RuntimeError("simdgroup matmul disabled")
+
+    original = matmul_mod.MetalMatmul.apply
+    matmul_mod.MetalMatmul.apply = _disabled
+    try:
+        yield
+    finally:
+        matmul_mod.MetalMatmul.apply = original
+
 
 def gpu_schedule_passes(target) -> list:
     from tvm.s_tir import dlight as dl

@@ -23,6 +23,9 @@ class TargetPreset:
     aliases: tuple = field(default_factory=tuple)
     device: str = "cpu"  # runtime device kind
     kernel_family: str = "cpu"  # which sparse BlockFFN kernels (blockffn/schedules) the target uses
+    system_lib: bool = False  # .tar system library for static linking into an app (Android / iOS)
+    cross_cxx: str | None = None  # cross compiler that links the .so (None: host compiler)
+    cross_package: str | None = None  # Debian package that provides cross_cxx
 
     def target_json(self, arch: str | None = None) -> dict:
         """The target dict, with a CUDA arch override (``sm_90`` or ``90``) applied."""
@@ -73,6 +76,43 @@ TARGETS: dict[str, TargetPreset] = {
         target={"kind": "cuda", "arch": _local_cuda_arch(), **_CUDA_LIMITS, "host": {"kind": "llvm"}},
         host_triple=_host_triple(), lib_suffix=".so", toolchain="nvcc (CUDA toolkit) + host C compiler",
         device="cuda", kernel_family="gpu"),
+    "jetson": TargetPreset(
+        name="jetson", description="NVIDIA Jetson Orin (CUDA sm_87, aarch64 Linux host, cortex-a78)",
+        target={"kind": "cuda", "arch": "sm_87", **_CUDA_LIMITS,
+                "host": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78"}},
+        host_triple="aarch64-linux-gnu", lib_suffix=".so",
+        toolchain="nvcc (CUDA toolkit) + aarch64-linux-gnu-g++", device="cuda", kernel_family="gpu",
+        cross_cxx="aarch64-linux-gnu-g++", cross_package="g++-aarch64-linux-gnu",
+        aliases=("jetson-orin", "jetson-orin-nx", "jetson-agx-orin", "jetson-orin-nano")),
+    "android": TargetPreset(
+        name="android", description="Android phones, OpenCL GPU (system library for the MLC Android app)",
+        target={"kind": "opencl", "host": {"kind": "llvm", "mtriple": "aarch64-linux-android"}},
+        host_triple="aarch64-linux-android", lib_suffix=".tar", toolchain="none (Android NDK links the app)",
+        device="opencl", kernel_family="gpu", system_lib=True),
+    "android-adreno": TargetPreset(
+        name="android-adreno", description="Android with Qualcomm Adreno GPU (OpenCL, 512 threads per block)",
+        target={"kind": "opencl", "device": "adreno", "max_threads_per_block": 512,
+                "host": {"kind": "llvm", "mtriple": "aarch64-linux-android"}},
+        host_triple="aarch64-linux-android", lib_suffix=".tar", toolchain="none (Android NDK links the app)",
+        device="opencl", kernel_family="gpu", system_lib=True),
+    "android-mali": TargetPreset(
+        name="android-mali", description="Android with Arm Mali GPU (OpenCL)",
+        target={"kind": "opencl", "host": {"kind": "llvm", "mtriple": "aarch64-linux-android"}},
+        host_triple="aarch64-linux-android", lib_suffix=".tar", toolchain="none (Android NDK links the app)",
+        device="opencl", kernel_family="gpu", system_lib=True),
+    "metal": TargetPreset(
+        name="metal", description="Apple silicon Mac, Metal GPU (MSL compiled on the device at load)",
+        target={"kind": "metal", "max_threads_per_block": 256, "max_shared_memory_per_block": 32768,
+                "thread_warp_size": 1, "host": {"kind": "llvm", "mtriple": "arm64-apple-macos"}},
+        host_triple="arm64-apple-macos", lib_suffix=".tar", toolchain="none (Xcode links the .dylib on a Mac)",
+        device="metal", kernel_family="gpu", system_lib=True),
+    "iphone": TargetPreset(
+        name="iphone", description="iPhone / iPad, Metal GPU (system library for the MLC iOS app)",
+        target={"kind": "metal", "max_threads_per_block": 256, "max_shared_memory_per_block": 32768,
+                "thread_warp_size": 1, "libs": ["iphoneos"],
+                "host": {"kind": "llvm", "mtriple": "arm64-apple-ios"}},
+        host_triple="arm64-apple-ios", lib_suffix=".tar", toolchain="none (Xcode links the app)",
+        device="metal", kernel_family="gpu", system_lib=True),
 }
 
 
