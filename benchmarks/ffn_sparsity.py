@@ -97,8 +97,8 @@ def main() -> None:
             x, w, n_act = weights(cfg, T, active, rng)
             params = [tvm.runtime.tensor(a, dev) for a in w]
             xt = tvm.runtime.tensor(x[None], dev)
-            t_dense = vm.time_evaluator("dense", dev, number=20, repeat=5)(xt, params).median * 1e3
-            t_sparse = vm.time_evaluator("sparse", dev, number=20, repeat=5)(xt, params).median * 1e3
+            t_dense = vm.time_evaluator("dense", dev, number=1, repeat=5, min_repeat_ms=50)(xt, params).median * 1e3
+            t_sparse = vm.time_evaluator("sparse", dev, number=1, repeat=5, min_repeat_ms=50)(xt, params).median * 1e3
             d_out, s_out = vm["dense"](xt, params).numpy(), vm["sparse"](xt, params).numpy()
             err = np.abs(d_out - s_out).max() / np.abs(d_out).max()
             tw = [torch.from_numpy(a) for a in w]

@@ -98,12 +98,17 @@ def one_line_failure(r, needle):
 
 def test_unknown_target_lists_valid_ones_and_writes_nothing(tmp_path):
     r = run("--target", "tpu", "--output", tmp_path / "x", check=False, entry="blockffn-compile")
-    one_line_failure(r, "valid targets: cpu")
+    one_line_failure(r, "valid targets:")
+    for name in ("cpu", "cuda", "jetson", "android", "metal", "iphone"):
+        assert name in r.stderr
     assert not (tmp_path / "x").exists() and not list(tmp_path.iterdir())
 
 
 def test_list_targets():
-    assert "cpu" in run("--list-targets", entry="blockffn-compile").stdout
+    out = run("--list-targets", entry="blockffn-compile").stdout
+    for name in ("cpu", "cuda", "jetson", "android", "android-adreno", "android-mali", "metal", "iphone"):
+        assert name in out
+    assert "aarch64-linux-gnu" in out and "sm_87" in out
 
 
 def test_compile_failure_leaves_no_partial_folder(tmp_path):
