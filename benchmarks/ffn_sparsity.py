@@ -23,30 +23,14 @@ import torch.nn.functional as F
 import tvm
 from torch.utils import benchmark as tbench
 from tvm import relax
-from tvm.relax.frontend import nn
 
-from blockffn.compiler.relax_model import BlockFFN
+from blockffn.compiler.relax_model import SingleBlockFFN
 from blockffn.model import preset_config
 from blockffn.relax_passes.lower_sparse_ffn import LowerBlockFFNSparse
 
 
-class OneLayer(nn.Module):
-    def __init__(self, cfg):
-        self.mlp = BlockFFN(cfg, "float32")
-
-    def dense(self, x: nn.Tensor):
-        return self.mlp(x)
-
-    def sparse(self, x: nn.Tensor):
-        return self.mlp(x)
-
-
 def build(cfg, target="cpu"):
-    BlockFFN._cache.clear()
-    m = OneLayer(cfg)
-    spec = {n: {"x": nn.spec.Tensor([1, "n", cfg.hidden_size], "float32"),
-                "$": {"param_mode": "packed", "effect_mode": "none"}} for n in ("dense", "sparse")}
-    mod, _ = m.export_tvm(spec=spec)
+    mod, _ = SingleBlockFFN(cfg).export()
     mod = LowerBlockFFNSparse(["sparse"], family="cpu" if target == "cpu" else "gpu")(mod)
     mod = relax.transform.FuseTransposeMatmul()(mod)  # the dense path's schedule-friendly NT matmuls
     if target == "cpu":

@@ -365,10 +365,11 @@ def convert_cmd(model_dir, output, dtype, shard_size_mb, overwrite) -> None:
     click.echo(f"wrote {output} ({dtype})")
 
 
-def main(argv=None) -> None:
+def _run(command: click.Command, argv, prog_name: str) -> None:
+    """Run a Click command; user errors become one line on stderr and a non-zero exit."""
     start = time.time()
     try:
-        cli.main(args=argv, prog_name="blockffn", standalone_mode=False)
+        command.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Abort:
         _echo_err("aborted")
         sys.exit(1)
@@ -383,15 +384,12 @@ def main(argv=None) -> None:
         sys.exit(130)
 
 
+def main(argv=None) -> None:
+    _run(cli, argv, "blockffn")
+
+
 def compile_main(argv=None) -> None:
-    try:
-        compile_entry.main(args=argv, prog_name="blockffn-compile", standalone_mode=False)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except BlockFFNError as e:
-        _echo_err(str(e))
-        sys.exit(1)
+    _run(compile_entry, argv, "blockffn-compile")
 
 
 if __name__ == "__main__":

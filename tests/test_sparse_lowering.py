@@ -9,22 +9,11 @@ from hypothesis import strategies as st
 from tvm import relax
 from tvm.relax.frontend import nn
 
-from blockffn.compiler.relax_model import BlockFFN, export_model
+from blockffn.compiler.relax_model import SingleBlockFFN, export_model
 from blockffn.relax_passes.lower_sparse_ffn import LowerBlockFFNSparse, blockffn_functions
 from tests.conftest import small_config
 
 TARGET = tvm.target.Target({"kind": "llvm"})
-
-
-class OneLayer(nn.Module):
-    def __init__(self, cfg):
-        self.mlp = BlockFFN(cfg, "float32")
-
-    def dense(self, x: nn.Tensor):
-        return self.mlp(x)
-
-    def sparse(self, x: nn.Tensor):
-        return self.mlp(x)
 
 
 def calls_to(func, predicate):
@@ -44,11 +33,7 @@ def calls_to(func, predicate):
 @pytest.fixture(scope="module")
 def ffn_vm():
     cfg = small_config()
-    BlockFFN._cache.clear()
-    m = OneLayer(cfg)
-    spec = {name: {"x": nn.spec.Tensor([1, "n", cfg.hidden_size], "float32"),
-                   "$": {"param_mode": "packed", "effect_mode": "none"}} for name in ("dense", "sparse")}
-    mod, named = m.export_tvm(spec=spec)
+    mod, named = SingleBlockFFN(cfg).export()
     mod = LowerBlockFFNSparse(["sparse"])(mod)
     ex = tvm.compile(mod, TARGET)
     return cfg, relax.VirtualMachine(ex, tvm.cpu()), [n for n, _ in named]

@@ -91,6 +91,28 @@ class BlockFFN(nn.Module):
         return Tensor(_expr=bb.emit(relax.Call(gvar, args)))
 
 
+class SingleBlockFFN(nn.Module):
+    """One BlockFFN layer with two entry points, ``dense`` and ``sparse``, over the same weights: after
+    LowerBlockFFNSparse(["sparse"]) they are the two lowerings of one layer (used by tests and benchmarks)."""
+
+    def __init__(self, cfg: BlockFFNConfig, dtype: str = "float32"):
+        self.mlp = BlockFFN(cfg, dtype)
+        self.hidden, self.dtype = cfg.hidden_size, dtype
+
+    def dense(self, x: Tensor) -> Tensor:
+        return self.mlp(x)
+
+    def sparse(self, x: Tensor) -> Tensor:
+        return self.mlp(x)
+
+    def export(self):
+        """(IRModule, named params) with x: [1, n, d] for both entry points."""
+        BlockFFN._cache.clear()
+        spec = {name: {"x": nn.spec.Tensor([1, "n", self.hidden], self.dtype),
+                       "$": {"param_mode": "packed", "effect_mode": "none"}} for name in ("dense", "sparse")}
+        return self.export_tvm(spec=spec)
+
+
 class MLAAttention(nn.Module):
     def __init__(self, cfg: BlockFFNConfig, layer_id: int, dtype: str):
         self.layer_id = layer_id
