@@ -1,7 +1,9 @@
 """Edge presets build the bundled model on this machine (no device toolchain needed for system libraries)."""
 
 import json
+import os
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
@@ -41,12 +43,28 @@ def test_system_library_presets(tmp_path, target, kernel_marker):
 
 
 def test_jetson_without_cross_compiler_fails_cleanly(tmp_path):
-    if shutil.which("aarch64-linux-gnu-g++"):
-        pytest.skip("cross compiler installed: the clean-failure path cannot be exercised")
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
     r = subprocess.run([sys.executable, "-c", "from blockffn.cli import compile_main; compile_main()", "--target",
-                        "jetson-orin-nx", "--output", str(tmp_path / "j")], capture_output=True, text=True)
+                        "jetson-orin-nx", "--output", str(out / "j")], capture_output=True, text=True,
+                       env={**os.environ, "PATH": str(empty)})  # no aarch64-linux-gnu-g++ reachable
     assert r.returncode != 0 and "g++-aarch64-linux-gnu" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
+    assert len(r.stderr.strip().splitlines()) == 1 and not list(out.iterdir())
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None or shutil.which("nvcc") is None,
+                    reason="needs aarch64-linux-gnu-g++ (Debian g++-aarch64-linux-gnu) and nvcc")
+def test_jetson_shared_library_is_aarch64_with_sm87_fatbin(tmp_path):
+    out, manifest = build(tmp_path, "jetson")
+    lib = (out / manifest["library"]).read_bytes()
+    assert lib[:4] == b"\x7fELF" and lib[4] == 2  # 64-bit ELF
+    assert struct.unpack_from("<H", lib, 18)[0] == 183  # e_machine = EM_AARCH64
+    i = lib.find(bytes.fromhex("50ed55ba"))
+    assert i >= 0 and b"__global__" not in lib  # compiled fatbin, not CUDA source
+    header_size, fat_size = struct.unpack_from("<HQ", lib, i + 6)
+    assert b"sm_87" in lib[i: i + header_size + fat_size] or b"compute_87" in lib[i: i + header_size + fat_size]
 
 
 def test_aliases_and_arch_override():
