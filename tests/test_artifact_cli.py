@@ -64,9 +64,10 @@ def test_sampling_is_seeded_and_uses_the_library_softmax(artifact):
     assert json.loads(run(*args).stdout)["tokens"] == json.loads(run(*args).stdout)["tokens"]
 
 
-def test_fp16_artifact_close_to_fp32(tmp_path):
-    out = tmp_path / "f16"
-    run("compile", "--dtype", "q0f16", "--output", out, "--context-window", 128, "--prefill-chunk", 32)
+@pytest.mark.parametrize("quantization", ["q0f16", "q0bf16"])
+def test_half_precision_artifact_close_to_fp32(tmp_path, quantization):
+    out = tmp_path / quantization
+    run("compile", "--dtype", quantization, "--output", out, "--context-window", 128, "--prefill-chunk", 32)
     model = load_model(default_model_path())
     ids = list(np.random.default_rng(0).integers(0, model.config.vocab_size, 40))
     engine = Engine(out)
