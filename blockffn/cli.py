@@ -346,6 +346,17 @@ def inspect_cmd(artifact, as_json) -> None:
     click.echo("memory     " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in md["memory_usage"].items() if v))
 
 
+# ---------------------------------------------------------------------------------------------------------- verify
+@cli.command("verify")
+@click.argument("artifact", type=click.Path(path_type=Path))
+def verify_cmd(artifact) -> None:
+    """Check an artifact for its target: architecture, symbols, kernel format, metadata vs weights, versions."""
+    from blockffn.artifacts.verify import verify_artifact
+
+    for line in verify_artifact(artifact):
+        click.echo(line)
+    click.echo(f"{artifact}: verified")
+
 # ---------------------------------------------------------------------------------------------------------- convert
 @cli.command("convert")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None)

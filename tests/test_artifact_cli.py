@@ -91,6 +91,16 @@ def test_inspect(artifact):
     assert info["metadata"]["model_type"] == "blockffn"
 
 
+def test_verify(artifact, broken):
+    r = run("verify", artifact)
+    assert "arch      ok" in r.stdout and "metadata  ok" in r.stdout and "verified" in r.stdout
+    lib = next(broken.glob("*.so"))
+    data = bytearray(lib.read_bytes())
+    data[18:20] = (183).to_bytes(2, "little")  # claim aarch64 in the ELF header
+    lib.write_bytes(bytes(data))
+    one_line_failure(run("verify", broken, check=False), "needs x86_64")
+
+
 def one_line_failure(r, needle):
     assert r.returncode != 0, r.stdout
     assert needle in r.stderr, r.stderr

@@ -11,6 +11,7 @@ import tarfile
 import pytest
 
 from blockffn import default_model_path
+from blockffn.artifacts.verify import verify_artifact
 from blockffn.compiler.compile import CompileOptions, compile_model, system_lib_prefix
 from blockffn.targets import get_target
 
@@ -38,6 +39,8 @@ def test_system_library_presets(tmp_path, target, kernel_marker):
             blobs += tar.extractfile(m).read()
     assert f"{prefix}__tvm_ffi__library_bin".encode() in blobs  # the symbol MLC apps look up
     assert kernel_marker in blobs  # OpenCL C / MSL source embedded for on-device compilation
+    report = verify_artifact(out)
+    assert any(line.startswith("kernels   ok") for line in report)
     expected_magic = b"\x7fELF" if target == "android" else bytes.fromhex("cffaedfe")  # ELF aarch64 / Mach-O 64
     assert blobs.startswith(expected_magic) or expected_magic in blobs
 
@@ -65,6 +68,7 @@ def test_jetson_shared_library_is_aarch64_with_sm87_fatbin(tmp_path):
     assert i >= 0 and b"__global__" not in lib  # compiled fatbin, not CUDA source
     header_size, fat_size = struct.unpack_from("<HQ", lib, i + 6)
     assert b"sm_87" in lib[i: i + header_size + fat_size] or b"compute_87" in lib[i: i + header_size + fat_size]
+    assert "kernels   ok: fatbin" in "\n".join(verify_artifact(out))
 
 
 def test_aliases_and_arch_override():

@@ -1,0 +1,115 @@
+"""`blockffn verify`: check that an artifact is what its target needs, without the target device.
+
+Checks, each a line of the report; the first failure raises `ArtifactError` naming the file and the mismatch:
+  files     - manifest/config/tensor-cache present, shards complete with matching md5, built by this TVM version
+  arch      - the library's object files are of the target's architecture (ELF x86-64/aarch64, Mach-O arm64)
+  symbols   - the TVM library blob symbol, with the system-lib prefix for .tar system libraries
+  kernels   - device code in the form the target loads: a CUDA fatbin for the preset's SM (no CUDA source),
+              OpenCL C, or Metal Shading Language
+  metadata  - `_metadata().params` (host-loadable libraries) or the manifest agrees with the tensor cache
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import struct
+import tarfile
+from pathlib import Path
+
+from blockffn.artifacts.reader import ArtifactError, open_artifact
+from blockffn.artifacts.weights import param_records
+
+ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
+MACHO_ARM64 = (0xFEEDFACF, 0x0100000C)
+FATBIN_MAGIC = bytes.fromhex("50ed55ba")
+
+
+def _objects(lib: Path) -> list[tuple[str, bytes]]:
+    if lib.suffix == ".tar":
+        with tarfile.open(lib) as tar:
+            return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+    return [(lib.name, lib.read_bytes())]
+
+
+def _arch_of(blob: bytes) -> str | None:
+    if blob[:4] == b"\x7fELF":
+        machine = struct.unpack_from("<H", blob, 18)[0]
+        return {v: k for k, v in ELF_MACHINES.items()}.get(machine, f"elf-machine-{machine}")
+    if len(blob) >= 8 and struct.unpack_from("<II", blob, 0) == MACHO_ARM64:
+        return "arm64-macho"
+    return None
+
+
+def _expected_arch(host_triple: str) -> str:
+    if "apple" in host_triple:
+        return "arm64-macho"
+    if host_triple.startswith("aarch64") or host_triple.startswith("arm64"):
+        return "aarch64"
+    return "x86_64" if host_triple.startswith("x86_64") else host_triple
+
+
+def verify_artifact(path: str | Path) -> list[str]:
+    art = open_artifact(path)  # files, shards, md5, TVM version
+    report = [f"files     ok: {len(art.tensor_cache['records'])} shard(s), md5 verified, "
+              f"tvm {art.manifest['versions']['tvm']}"]
+    lib = art.library
+    target = art.manifest["target"]
+    objects = _objects(lib)
+    want = _expected_arch(target["host_triple"])
+    checked = 0
+    for name, blob in objects:
+        arch = _arch_of(blob)
+        if arch is None:
+            continue
+        if arch != want:
+            raise ArtifactError(f"{lib}: object {name} is {arch}, but target {target['name']} needs {want}")
+        checked += 1
+    if checked == 0:
+        raise ArtifactError(f"{lib}: no object file of a known format found")
+    report.append(f"arch      ok: {checked} object(s) {want}")
+    blob = b"".join(b for _, b in objects)
+    prefix = art.manifest.get("system_lib_prefix")
+    symbol = (f"{prefix}__tvm_ffi__library_bin" if prefix else "__tvm_ffi__library_bin").encode()
+    if symbol not in blob:
+        raise ArtifactError(f"{lib}: symbol {symbol.decode()} missing (wrong system-lib prefix?)")
+    report.append(f"symbols   ok: {symbol.decode()}")
+    kind = target["tvm_target"]["kind"]
+    if kind == "cuda":
+        sm = target["tvm_target"]["arch"].removeprefix("sm_")
+        i = blob.find(FATBIN_MAGIC)
+        if i < 0 or b"__global__" in blob:
+            raise ArtifactError(f"{lib}: CUDA kernels are embedded as source, not a compiled fatbin")
+        header_size, fat_size = struct.unpack_from("<HQ", blob, i + 6)
+        fatbin = blob[i: i + header_size + fat_size]
+        if f"sm_{sm}".encode() not in fatbin and f"compute_{sm}".encode() not in fatbin:
+            raise ArtifactError(f"{lib}: fatbin has no code for sm_{sm}")
+        report.append(f"kernels   ok: fatbin {len(fatbin)} bytes for sm_{sm}")
+    elif kind == "opencl":
+        if b"__kernel" not in blob:
+            raise ArtifactError(f"{lib}: no OpenCL C kernels embedded")
+        report.append("kernels   ok: OpenCL C source embedded")
+    elif kind == "metal":
+        if b"kernel void" not in blob:
+            raise ArtifactError(f"{lib}: no Metal Shading Language kernels embedded")
+        report.append("kernels   ok: Metal Shading Language source embedded")
+    else:
+        report.append("kernels   ok: host code only")
+    records = [(r["name"], list(r["shape"]), r["dtype"]) for r in param_records(art.tensor_cache)]
+    host_loadable = (kind == "llvm" and lib.suffix == ".so"
+                     and _expected_arch(target["host_triple"]) == platform.machine())
+    if host_loadable:
+        from blockffn.runtime.inspect import library_metadata
+
+        params = library_metadata(lib)["params"]
+        source = "_metadata"
+    else:
+        params = art.manifest["params"]
+        source = "manifest"
+    declared = [(p["name"], list(p["shape"]), p["dtype"]) for p in params]
+    if declared != records:
+        first = next((d, r) for d, r in zip(declared + [None] * len(records), records + [None] * len(declared))
+                     if d != r)
+        raise ArtifactError(f"{lib}: {source} params and tensor-cache.json disagree at {json.dumps(first)}")
+    report.append(f"metadata  ok: {len(records)} params agree ({source} vs tensor-cache.json)")
+    return report
