@@ -39,6 +39,7 @@ def test_system_library_presets(tmp_path, target, kernel_marker):
             blobs += tar.extractfile(m).read()
     assert f"{prefix}__tvm_ffi__library_bin".encode() in blobs  # the symbol MLC apps look up
     assert kernel_marker in blobs  # OpenCL C / MSL source embedded for on-device compilation
+    assert f"system://{prefix.rstrip('_')}" in (out / "DEPLOY.md").read_text()
     report = verify_artifact(out)
     assert any(line.startswith("kernels   ok") for line in report)
     expected_magic = b"\x7fELF" if target == "android" else bytes.fromhex("cffaedfe")  # ELF aarch64 / Mach-O 64

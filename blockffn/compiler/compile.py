@@ -232,6 +232,9 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
             "compile_seconds": timer.times,
         }
         (tmp / layout.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        from blockffn.artifacts.deploy import deploy_text
+
+        (tmp / "DEPLOY.md").write_text(deploy_text(preset, manifest))
     param_bytes = sum(r["nbytes"] for r in param_records(cache))
     report = {"output": str(output), "library": lib_name, "seconds": timer.times, "param_bytes": param_bytes,
               "kv_cache_bytes_per_sequence": kv_cache_bytes(cfg, context, dtype),

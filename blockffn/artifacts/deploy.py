@@ -1,0 +1,36 @@
+"""DEPLOY.md written into every artifact folder: how to load this artifact on its target device."""
+
+from __future__ import annotations
+
+
+def deploy_text(preset, manifest: dict) -> str:
+    lib = manifest["library"]
+    versions = manifest["versions"]
+    runtime = f"TVM runtime {versions['tvm']} with tvm-ffi {versions['tvm_ffi']} (the versions this library was built by)"
+    head = (f"# Deploying `{lib}` ({preset.name}: {preset.description})\n\n"
+            f"Artifact: MLC-LLM layout (mlc-chat-config.json, tensor-cache.json + ndarray-cache.json, params_shard_*.bin,"
+            f" tokenizer files) plus `{lib}`. Needs {runtime}.\n\n")
+    prefix = manifest.get("system_lib_prefix")
+    if preset.name in ("cpu", "cuda"):
+        body = (f"On this kind of machine: `blockffn generate --artifact . --device {preset.device} --prompt TEXT` or, "
+                f"in Python, `blockffn.runtime.engine.Engine(folder, device=\"{preset.device}\")`.\n"
+                f"For the MLC engine: `model` = this folder, `model_lib` = `{lib}`.\n")
+    elif preset.name == "jetson":
+        body = ("Copy the folder to the Jetson (JetPack 6, aarch64). The CUDA kernels are an sm_87 fatbin compiled at "
+                "build time, so no nvcc is needed on the device. Build or install the TVM runtime for aarch64 with CUDA "
+                "from the same TVM version (the PyPI aarch64 wheel's CUDA runtime links libcudart.so.13 / CUDA 13), then "
+                f"load `{lib}` with `tvm.runtime.load_module` (or the MLC engine with `model_lib` = `{lib}`).\n"
+                "`blockffn verify .` on the build machine checks the ELF aarch64 objects and the sm_87 fatbin.\n")
+    elif preset.device == "opencl":
+        body = (f"System library, symbol prefix `{prefix}`. For the MLC Android app: `model_lib` = "
+                f"`{prefix.rstrip('_')}` (loaded as `system://{prefix.rstrip('_')}`). Link the objects of `{lib}` into "
+                "`libmodel_android.a` (`llvm-ar rcs libmodel_android.a lib0.o *devc.o` from the NDK) and into the app's "
+                "runtime with `-Wl,--whole-archive model_android -Wl,--no-whole-archive`. OpenCL C kernels are "
+                "compiled by the phone's driver at first load.\n")
+    else:  # metal / iphone
+        body = (f"System library, symbol prefix `{prefix}`. For the MLC iOS app: `model_lib` = `{prefix.rstrip('_')}` "
+                f"(`system://{prefix.rstrip('_')}`); add the objects of `{lib}` to `libmodel_iphone.a` "
+                "(`xcrun libtool -static`) and link it into the app. On macOS: "
+                "`clang -dynamiclib *.o -framework Metal -framework Foundation -o model.dylib`. Metal Shading Language "
+                "source is compiled on the device at load (build on a Mac with Xcode to embed a metallib instead).\n")
+    return head + body
