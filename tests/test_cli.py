@@ -81,7 +81,7 @@ def test_init_presets(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (("eval", "--text", "/nonexistent.txt"), "no such file"),
     (("eval", "--model", "/nonexistent", "--text", "x"), "not a model folder"),
-    (("init", "--preset", "huge", "--output", "/tmp/never"), "unknown preset"),
+    (("init", "--preset", "huge", "--output", "never-written"), "unknown preset"),
     (("generate", "--prompt", "x", "--max-tokens", 0), "--max-tokens"),
 ])
 def test_errors_are_one_line(args, needle):

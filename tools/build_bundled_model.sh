@@ -10,7 +10,7 @@
 # The main run is shipped; both evaluations go into MODEL_CARD.md.
 set -euo pipefail
 CORPUS=${1:-../shared/data/corpus}
-WORK=${2:-/tmp/blockffn-bundle}
+WORK=${2:-$(mktemp -d)}
 STEPS=${STEPS:-1017}
 BIN=${BIN:-.venv/bin}
 mkdir -p "$WORK"
