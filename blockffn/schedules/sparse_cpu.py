@@ -55,7 +55,10 @@ def union_kernel(E: int, dtype: str):
     return blockffn_union
 
 
-def up_kernel_cpu(E: int, De: int, d: int, dtype: str):
+def up_kernel_cpu(E: int, De: int, d: int, dtype: str, TB: int = 4):
+    """With ``TB`` or more tokens, they are processed TB at a time so each weight vector loaded from an expert row
+    serves TB tokens (rows past the last token read a clamped, valid token and are not stored); fewer tokens
+    (decode) take a one-token loop with no padded work."""
     VL = _vector_len(d, 16)
 
     @T.prim_func(s_tir=True)
@@ -71,22 +74,43 @@ def up_kernel_cpu(E: int, De: int, d: int, dtype: str):
         h = T.match_buffer(h_h, (n_tok, E, De), "float32")
         for j in T.parallel(E):
             with T.sblock("slot"):
-                acc = T.sblock_alloc_buffer((VL,), "float32", scope="local")
+                acc = T.sblock_alloc_buffer((TB, VL), "float32", scope="local")
                 s = T.sblock_alloc_buffer((1,), "float32", scope="local")
                 if j < cnt[0]:
-                    for k in range(De):
-                        for t in range(n_tok):
-                            for v in T.vectorized(VL):
-                                acc[v] = T.float32(0)
-                            for dd in range(d // VL):
+                    if n_tok < TB:  # decode: one token at a time, no padded work
+                        for k in range(De):
+                            for t in range(n_tok):
                                 for v in T.vectorized(VL):
-                                    acc[v] = acc[v] + T.Cast("float32", x[t, dd * VL + v]) * T.Cast(
-                                        "float32", up[idx[j] * De + k, dd * VL + v])
-                            s[0] = T.float32(0)
-                            for v in range(VL):
-                                s[0] = s[0] + acc[v]
-                            h[t, j, k] = s[0] / (T.float32(1) + T.exp(T.float32(0) - s[0])) * T.Cast(
-                                "float32", gate[t, idx[j]])
+                                    acc[0, v] = T.float32(0)
+                                for dd in range(d // VL):
+                                    for v in T.vectorized(VL):
+                                        acc[0, v] = acc[0, v] + T.Cast("float32", x[t, dd * VL + v]) * T.Cast(
+                                            "float32", up[idx[j] * De + k, dd * VL + v])
+                                s[0] = T.float32(0)
+                                for v in range(VL):
+                                    s[0] = s[0] + acc[0, v]
+                                h[t, j, k] = s[0] / (T.float32(1) + T.exp(T.float32(0) - s[0])) * T.Cast(
+                                    "float32", gate[t, idx[j]])
+                    else:
+                        for k in range(De):
+                            for t0 in range((n_tok + TB - 1) // TB):
+                                for tt in T.unroll(TB):
+                                    for v in T.vectorized(VL):
+                                        acc[tt, v] = T.float32(0)
+                                for dd in range(d // VL):
+                                    for tt in T.unroll(TB):
+                                        for v in T.vectorized(VL):
+                                            acc[tt, v] = acc[tt, v] + T.Cast(
+                                                "float32", x[T.min(t0 * TB + tt, n_tok - 1), dd * VL + v]) * T.Cast(
+                                                "float32", up[idx[j] * De + k, dd * VL + v])
+                                for tt in range(TB):
+                                    if t0 * TB + tt < n_tok:
+                                        s[0] = T.float32(0)
+                                        for v in range(VL):
+                                            s[0] = s[0] + acc[tt, v]
+                                        h[t0 * TB + tt, j, k] = s[0] / (
+                                            T.float32(1) + T.exp(T.float32(0) - s[0])) * T.Cast(
+                                            "float32", gate[t0 * TB + tt, idx[j]])
 
     return blockffn_sparse_up
 
