@@ -82,12 +82,11 @@ def system_lib_prefix(model_name: str, quantization: str) -> str:
 
 def kv_cache_bytes(cfg, context_window: int, dtype: str) -> int:
     """Bytes of K and V for one full-context sequence (what the paged cache needs per sequence)."""
-    from blockffn.compiler.relax_model import RelaxBlockFFN
+    from blockffn.compiler.relax_model import cache_layout
 
-    m = RelaxBlockFFN.__new__(RelaxBlockFFN)
-    m.cfg = cfg
+    layout_ = cache_layout(cfg)
     elem = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
-    return 2 * cfg.num_hidden_layers * m.cache_kv_heads * m.cache_head_dim * context_window * elem
+    return 2 * cfg.num_hidden_layers * layout_["num_key_value_heads"] * layout_["head_dim"] * context_window * elem
 
 
 def compile_model(opts: CompileOptions, log=print) -> dict:
@@ -144,10 +143,9 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
             mod = library_funcs.add_alloc_embedding_tensor(mod, prefill_chunk, cfg.hidden_size, dtype)
         params_meta = [{"name": n, "shape": [int(s) for s in p.shape], "dtype": dtype, "preprocs": [],
                         "pipeline_stages": [0]} for n, p in named_params]
-        from blockffn.compiler.relax_model import RelaxBlockFFN
+        from blockffn.compiler.relax_model import cache_layout
 
-        shape_model = RelaxBlockFFN.__new__(RelaxBlockFFN)
-        shape_model.cfg = cfg
+        kv_layout = cache_layout(cfg)
         metadata = {
             "model_type": "blockffn", "quantization": opts.quantization, "context_window_size": context,
             "prefill_chunk_size": prefill_chunk, "max_batch_size": opts.max_batch_size,
@@ -155,7 +153,7 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
             "attention_sink_size": -1, "kv_state_kind": "kv_cache",
             "kv_cache": {"num_hidden_layers": cfg.num_hidden_layers,
                          "num_attention_heads": cfg.num_attention_heads,
-                         "num_key_value_heads": shape_model.cache_kv_heads, "head_dim": shape_model.cache_head_dim},
+                         "num_key_value_heads": kv_layout["num_key_value_heads"], "head_dim": kv_layout["head_dim"]},
             "params": params_meta, "tvm_version": tvm.__version__, "tvm_ffi_version": tvm_ffi.__version__,
             "blockffn_version": __version__, "target": preset.name,
         }

@@ -34,6 +34,15 @@ def to_library_layout(name: str, tensor):
     return tensor
 
 
+def cache_layout(cfg: BlockFFNConfig) -> dict:
+    """What the paged KV cache holds per layer: MLA runs as MHA over [rope | nope] heads (v padded to that size)."""
+    if cfg.attention_type == "mla":
+        return {"num_key_value_heads": cfg.num_attention_heads, "head_dim": cfg.mla_q_head_dim,
+                "rotary_dim": cfg.qk_rope_head_dim}
+    return {"num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.gqa_head_dim,
+            "rotary_dim": cfg.gqa_head_dim}
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype: str):
         self.weight = nn.Parameter((dim,), dtype)
@@ -201,18 +210,15 @@ class RelaxBlockFFN(nn.Module):
 
     @property
     def cache_head_dim(self) -> int:
-        c = self.cfg
-        return c.mla_q_head_dim if c.attention_type == "mla" else c.gqa_head_dim
+        return cache_layout(self.cfg)["head_dim"]
 
     @property
     def rotary_dim(self) -> int:
-        c = self.cfg
-        return c.qk_rope_head_dim if c.attention_type == "mla" else c.gqa_head_dim
+        return cache_layout(self.cfg)["rotary_dim"]
 
     @property
     def cache_kv_heads(self) -> int:
-        c = self.cfg
-        return c.num_attention_heads if c.attention_type == "mla" else c.num_key_value_heads
+        return cache_layout(self.cfg)["num_key_value_heads"]
 
     # ------------------------------------------------------------------------------------------- pieces
     def _hidden(self, h: Tensor, kv: PagedKVCache) -> Tensor:
