@@ -13,11 +13,33 @@ from tvm import relax
 from tvm.script import tirx as T
 
 
-def _apply_logit_bias_inplace():
+TPB = 256  # threads per block on GPU targets
+
+
+def _loops(gpu: bool):
+    """(block loop, thread loop) constructors: thread-bound on GPU targets, plain serial loops on CPU, so one
+    kernel text serves both (a GPU kernel must bind its threads itself: dlight skips in-place processors)."""
+    if gpu:
+        return (lambda n: T.thread_binding(n, thread="blockIdx.x"),
+                lambda n: T.thread_binding(n, thread="threadIdx.x"))
+    return T.serial, T.serial
+
+
+def _attrs(name: str, gpu: bool) -> dict:
+    attrs = {"global_symbol": name, "tirx.noalias": True}
+    if gpu:
+        attrs["tirx.is_scheduled"] = True
+    return attrs
+
+
+def _apply_logit_bias_inplace(gpu: bool):
+    block_loop, thread_loop = _loops(gpu)
+    attrs = _attrs("apply_logit_bias_inplace", gpu)
+
     @T.prim_func
     def apply_logit_bias_inplace(var_logits: T.handle, var_pos2seq_id: T.handle, var_token_ids: T.handle,
                                  var_logit_bias: T.handle):
-        T.func_attr({"global_symbol": "apply_logit_bias_inplace", "tirx.noalias": True})
+        T.func_attr(attrs)
         batch_size = T.int32()
         vocab_size = T.int32()
         num_token = T.int32()
@@ -25,74 +47,8 @@ def _apply_logit_bias_inplace():
         pos2seq_id = T.match_buffer(var_pos2seq_id, (num_token,), "int32")
         token_ids = T.match_buffer(var_token_ids, (num_token,), "int32")
         logit_bias = T.match_buffer(var_logit_bias, (num_token,), "float32")
-        for i in range(num_token):
-            logits[pos2seq_id[i], token_ids[i]] = logits[pos2seq_id[i], token_ids[i]] + logit_bias[i]
-
-    return apply_logit_bias_inplace
-
-
-def _apply_penalty_inplace():
-    @T.prim_func
-    def apply_penalty_inplace(var_logits: T.handle, var_seq_ids: T.handle, var_pos2seq_id: T.handle,
-                              var_token_ids: T.handle, var_token_cnt: T.handle, var_penalties: T.handle):
-        """penalties[s] = (presence, frequency, repetition) for sequence slot s."""
-        T.func_attr({"global_symbol": "apply_penalty_inplace", "tirx.noalias": True})
-        batch_size = T.int32()
-        vocab_size = T.int32()
-        num_token = T.int32()
-        num_seq = T.int32()
-        logits = T.match_buffer(var_logits, (batch_size, vocab_size), "float32")
-        seq_ids = T.match_buffer(var_seq_ids, (num_seq,), "int32")
-        pos2seq_id = T.match_buffer(var_pos2seq_id, (num_token,), "int32")
-        token_ids = T.match_buffer(var_token_ids, (num_token,), "int32")
-        token_cnt = T.match_buffer(var_token_cnt, (num_token,), "int32")
-        penalties = T.match_buffer(var_penalties, (num_seq, 3), "float32")
-        for i in range(num_token):
-            row = seq_ids[pos2seq_id[i]]
-            s = pos2seq_id[i]
-            v = logits[row, token_ids[i]] - (penalties[s, 0] + T.Cast("float32", token_cnt[i]) * penalties[s, 1])
-            logits[row, token_ids[i]] = T.if_then_else(v < T.float32(0), v * penalties[s, 2], v / penalties[s, 2])
-
-    return apply_penalty_inplace
-
-
-def _apply_bitmask_inplace():
-    @T.prim_func
-    def apply_bitmask_inplace(var_logits: T.handle, var_seq_ids: T.handle, var_bitmask: T.handle):
-        """Token v of sequence slot i is allowed iff bit v%32 of bitmask[seq_ids[i], v//32] is set."""
-        T.func_attr({"global_symbol": "apply_bitmask_inplace", "tirx.noalias": True})
-        batch_size = T.int32()
-        vocab_size = T.int32()
-        num_seq = T.int32()
-        logits = T.match_buffer(var_logits, (batch_size, vocab_size), "float32")
-        seq_ids = T.match_buffer(var_seq_ids, (num_seq,), "int32")
-        bitmask = T.match_buffer(var_bitmask, (batch_size, (vocab_size + 31) // 32), "int32")
-        for i, v in T.grid(num_seq, vocab_size):
-            row = seq_ids[i]
-            logits[row, v] = T.if_then_else(
-                T.bitwise_and(T.shift_right(bitmask[row, v // 32], v % 32), 1) == 1,
-                logits[row, v], T.min_value("float32"))
-
-    return apply_bitmask_inplace
-
-
-TPB = 256  # threads per block of the GPU variants
-
-
-def _apply_logit_bias_inplace_gpu():
-    @T.prim_func
-    def apply_logit_bias_inplace(var_logits: T.handle, var_pos2seq_id: T.handle, var_token_ids: T.handle,
-                                 var_logit_bias: T.handle):
-        T.func_attr({"global_symbol": "apply_logit_bias_inplace", "tirx.noalias": True, "tirx.is_scheduled": True})
-        batch_size = T.int32()
-        vocab_size = T.int32()
-        num_token = T.int32()
-        logits = T.match_buffer(var_logits, (batch_size, vocab_size), "float32")
-        pos2seq_id = T.match_buffer(var_pos2seq_id, (num_token,), "int32")
-        token_ids = T.match_buffer(var_token_ids, (num_token,), "int32")
-        logit_bias = T.match_buffer(var_logit_bias, (num_token,), "float32")
-        for bx in T.thread_binding((num_token + TPB - 1) // TPB, thread="blockIdx.x"):
-            for tx in T.thread_binding(TPB, thread="threadIdx.x"):
+        for bx in block_loop((num_token + TPB - 1) // TPB):
+            for tx in thread_loop(TPB):
                 if bx * TPB + tx < num_token:
                     i = bx * TPB + tx
                     logits[pos2seq_id[i], token_ids[i]] = logits[pos2seq_id[i], token_ids[i]] + logit_bias[i]
@@ -100,11 +56,15 @@ def _apply_logit_bias_inplace_gpu():
     return apply_logit_bias_inplace
 
 
-def _apply_penalty_inplace_gpu():
+def _apply_penalty_inplace(gpu: bool):
+    block_loop, thread_loop = _loops(gpu)
+    attrs = _attrs("apply_penalty_inplace", gpu)
+
     @T.prim_func
     def apply_penalty_inplace(var_logits: T.handle, var_seq_ids: T.handle, var_pos2seq_id: T.handle,
                               var_token_ids: T.handle, var_token_cnt: T.handle, var_penalties: T.handle):
-        T.func_attr({"global_symbol": "apply_penalty_inplace", "tirx.noalias": True, "tirx.is_scheduled": True})
+        """penalties[s] = (presence, frequency, repetition) for sequence slot s."""
+        T.func_attr(attrs)
         batch_size = T.int32()
         vocab_size = T.int32()
         num_token = T.int32()
@@ -115,8 +75,8 @@ def _apply_penalty_inplace_gpu():
         token_ids = T.match_buffer(var_token_ids, (num_token,), "int32")
         token_cnt = T.match_buffer(var_token_cnt, (num_token,), "int32")
         penalties = T.match_buffer(var_penalties, (num_seq, 3), "float32")
-        for bx in T.thread_binding((num_token + TPB - 1) // TPB, thread="blockIdx.x"):
-            for tx in T.thread_binding(TPB, thread="threadIdx.x"):
+        for bx in block_loop((num_token + TPB - 1) // TPB):
+            for tx in thread_loop(TPB):
                 if bx * TPB + tx < num_token:
                     i = bx * TPB + tx
                     row = seq_ids[pos2seq_id[i]]
@@ -129,18 +89,22 @@ def _apply_penalty_inplace_gpu():
     return apply_penalty_inplace
 
 
-def _apply_bitmask_inplace_gpu():
+def _apply_bitmask_inplace(gpu: bool):
+    block_loop, thread_loop = _loops(gpu)
+    attrs = _attrs("apply_bitmask_inplace", gpu)
+
     @T.prim_func
     def apply_bitmask_inplace(var_logits: T.handle, var_seq_ids: T.handle, var_bitmask: T.handle):
-        T.func_attr({"global_symbol": "apply_bitmask_inplace", "tirx.noalias": True, "tirx.is_scheduled": True})
+        """Token v of sequence slot i is allowed iff bit v%32 of bitmask[seq_ids[i], v//32] is set."""
+        T.func_attr(attrs)
         batch_size = T.int32()
         vocab_size = T.int32()
         num_seq = T.int32()
         logits = T.match_buffer(var_logits, (batch_size, vocab_size), "float32")
         seq_ids = T.match_buffer(var_seq_ids, (num_seq,), "int32")
         bitmask = T.match_buffer(var_bitmask, (batch_size, (vocab_size + 31) // 32), "int32")
-        for bx in T.thread_binding((num_seq * vocab_size + TPB - 1) // TPB, thread="blockIdx.x"):
-            for tx in T.thread_binding(TPB, thread="threadIdx.x"):
+        for bx in block_loop((num_seq * vocab_size + TPB - 1) // TPB):
+            for tx in thread_loop(TPB):
                 if bx * TPB + tx < num_seq * vocab_size:
                     row = seq_ids[(bx * TPB + tx) // vocab_size]
                     v = (bx * TPB + tx) % vocab_size
@@ -152,12 +116,10 @@ def _apply_bitmask_inplace_gpu():
 
 
 def add_logit_processors(mod: tvm.IRModule, target=None) -> tvm.IRModule:
-    """The three in-place logit processors: plain loops for CPU, thread-bound variants for GPU targets."""
+    """The three in-place logit processors, thread-bound on GPU targets."""
     gpu = target is not None and target.kind.name != "llvm"
-    factories = ((_apply_logit_bias_inplace_gpu, _apply_penalty_inplace_gpu, _apply_bitmask_inplace_gpu) if gpu
-                 else (_apply_logit_bias_inplace, _apply_penalty_inplace, _apply_bitmask_inplace))
-    for factory in factories:
-        func = factory()
+    for factory in (_apply_logit_bias_inplace, _apply_penalty_inplace, _apply_bitmask_inplace):
+        func = factory(gpu)
         mod[func.attrs["global_symbol"]] = func
     return mod
 
