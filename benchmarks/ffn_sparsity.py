@@ -30,18 +30,17 @@ from blockffn.relax_passes.lower_sparse_ffn import LowerBlockFFNSparse
 
 
 def build(cfg, target="cpu"):
-    mod, _ = SingleBlockFFN(cfg).export()
-    mod = LowerBlockFFNSparse(["sparse"], family="cpu" if target == "cpu" else "gpu")(mod)
-    mod = relax.transform.FuseTransposeMatmul()(mod)  # the dense path's schedule-friendly NT matmuls
-    if target == "cpu":
-        return relax.VirtualMachine(tvm.compile(mod, tvm.target.Target({"kind": "llvm"})), tvm.cpu()), tvm.cpu()
+    """Both entry points through the product's pipeline and schedules for the target preset."""
     from blockffn.compiler.pipeline import build_pipeline
     from blockffn.schedules.dlight_rules import schedule_passes
     from blockffn.targets import get_target
 
-    tgt = get_target("cuda").tvm_target()
+    mod, _ = SingleBlockFFN(cfg).export()
+    mod = LowerBlockFFNSparse(["sparse"], family="cpu" if target == "cpu" else "gpu")(mod)
+    tgt = get_target(target).tvm_target()
     pipe, _ = build_pipeline(tgt, {}, {"n": 64}, schedule_passes=schedule_passes(tgt))
-    return relax.VirtualMachine(tvm.compile(mod, tgt, relax_pipeline=pipe), tvm.cuda()), tvm.cuda()
+    dev = tvm.cpu() if target == "cpu" else tvm.cuda()
+    return relax.VirtualMachine(tvm.compile(mod, tgt, relax_pipeline=pipe), dev), dev
 
 
 def weights(cfg, T, active, rng):

@@ -1,6 +1,6 @@
-"""Default TIR schedules for the dense work of GPU targets (dlight rules, first match wins).
+"""Default TIR schedules for the dense work of each target (dlight rules, first match wins).
 
-Order follows mlc-llm: GEMV rules before Matmul so decode-time matrix-vector products get the GEMV schedule.
+CPU: blockffn.schedules.dense_cpu.DenseMatmulCPU for the matmuls.  GPU: the order follows mlc-llm: GEMV rules before Matmul so decode-time matrix-vector products get the GEMV schedule.
 ``dl.gpu.RMSNorm`` is left out on Metal (it emits float32x8, which Metal codegen rejects) and ``Fallback`` is
 last so every remaining kernel gets threads bound (required on Metal/OpenCL).
 """
@@ -43,7 +43,11 @@ def gpu_schedule_passes(target) -> list:
 
 
 def schedule_passes(target) -> list:
-    """Schedules for the target's dense kernels (none needed on CPU: LLVM codegen handles unscheduled loops)."""
+    """Schedules for the target's dense kernels: our matmul rule on CPUs (the rest is left to LLVM), dlight on GPUs."""
     if target.kind.name == "llvm":
-        return []
+        from tvm.s_tir import dlight as dl
+
+        from blockffn.schedules.dense_cpu import DenseMatmulCPU
+
+        return [dl.ApplyDefaultSchedule(DenseMatmulCPU())]
     return gpu_schedule_passes(target)

@@ -30,6 +30,8 @@ class TargetPreset:
     def target_json(self, arch: str | None = None) -> dict:
         """The target dict, with a CUDA arch override (``sm_90`` or ``90``) applied."""
         t = dict(self.target)
+        if self.name == "cpu":  # this machine: let LLVM use its vector units (baseline x86-64 is SSE2 only)
+            t.setdefault("mcpu", _host_cpu())
         if arch:
             if t.get("kind") != "cuda":
                 raise BlockFFNError(f"--arch applies to CUDA targets only, not {self.name}")
@@ -48,6 +50,12 @@ class TargetPreset:
 def _host_triple() -> str:
     return {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}.get(platform.machine(),
                                                                           platform.machine())
+
+
+def _host_cpu() -> str:
+    from tvm.target import codegen
+
+    return str(codegen.llvm_get_system_cpu())
 
 
 def _local_cuda_arch() -> str:
