@@ -60,6 +60,7 @@ def up_kernel_cpu(E: int, De: int, d: int, dtype: str, TB: int = 4):
     serves TB tokens (rows past the last token read a clamped, valid token and are not stored); fewer tokens
     (decode) take a one-token loop with no padded work."""
     VL = _vector_len(d, 16)
+    RB = _vector_len(De, TB)  # expert rows per decode step: independent FMA chains sharing one x load
 
     @T.prim_func(s_tir=True)
     def blockffn_sparse_up(x_h: T.handle, gate_h: T.handle, up_h: T.handle, idx_h: T.handle, cnt_h: T.handle,
@@ -74,23 +75,26 @@ def up_kernel_cpu(E: int, De: int, d: int, dtype: str, TB: int = 4):
         h = T.match_buffer(h_h, (n_tok, E, De), "float32")
         for j in T.parallel(E):
             with T.sblock("slot"):
-                acc = T.sblock_alloc_buffer((TB, VL), "float32", scope="local")
+                acc = T.sblock_alloc_buffer((max(TB, RB), VL), "float32", scope="local")
                 s = T.sblock_alloc_buffer((1,), "float32", scope="local")
                 if j < cnt[0]:
-                    if n_tok < TB:  # decode: one token at a time, no padded work
-                        for k in range(De):
+                    if n_tok < TB:  # decode: one token at a time, RB rows of the expert at once, no padded work
+                        for k0 in range(De // RB):
                             for t in range(n_tok):
-                                for v in T.vectorized(VL):
-                                    acc[0, v] = T.float32(0)
-                                for dd in range(d // VL):
+                                for r in T.unroll(RB):
                                     for v in T.vectorized(VL):
-                                        acc[0, v] = acc[0, v] + T.Cast("float32", x[t, dd * VL + v]) * T.Cast(
-                                            "float32", up[idx[j] * De + k, dd * VL + v])
-                                s[0] = T.float32(0)
-                                for v in range(VL):
-                                    s[0] = s[0] + acc[0, v]
-                                h[t, j, k] = s[0] / (T.float32(1) + T.exp(T.float32(0) - s[0])) * T.Cast(
-                                    "float32", gate[t, idx[j]])
+                                        acc[r, v] = T.float32(0)
+                                for dd in range(d // VL):
+                                    for r in T.unroll(RB):
+                                        for v in T.vectorized(VL):
+                                            acc[r, v] = acc[r, v] + T.Cast("float32", x[t, dd * VL + v]) * T.Cast(
+                                                "float32", up[idx[j] * De + k0 * RB + r, dd * VL + v])
+                                for r in range(RB):
+                                    s[0] = T.float32(0)
+                                    for v in range(VL):
+                                        s[0] = s[0] + acc[r, v]
+                                    h[t, j, k0 * RB + r] = s[0] / (T.float32(1) + T.exp(T.float32(0) - s[0])) * T.Cast(
+                                        "float32", gate[t, idx[j]])
                     else:
                         for k in range(De):
                             for t0 in range((n_tok + TB - 1) // TB):
