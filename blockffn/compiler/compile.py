@@ -13,6 +13,7 @@ from blockffn import __version__
 from blockffn.artifacts import layout
 from blockffn.artifacts.weights import param_records, to_numpy, write_tensor_cache
 from blockffn.errors import BlockFFNError
+from blockffn.relax_passes.add_dense_twins import DENSE_SUFFIX as DENSE_TWIN_SUFFIX
 from blockffn.model.checkpoint import TOKENIZER_FILES, atomic_output_dir, checkpoint_sha256, load_model
 from blockffn.targets import get_target
 
@@ -31,10 +32,15 @@ class CompileOptions:
     arch: str | None = None  # CUDA SM override, e.g. sm_87
 
 
-MODEL_FUNCTIONS = ("prefill", "decode", "batch_prefill", "batch_decode", "batch_verify")
+MODEL_FUNCTIONS = ("prefill", "decode", "batch_prefill", "batch_decode", "batch_verify",
+                   "prefill_to_last_hidden_states", "decode_to_last_hidden_states",
+                   "batch_verify_to_last_hidden_states")
 # auto: a step's FFN touches only the union of its tokens' experts where the step has few tokens (decode,
 # speculative verification); long prefill chunks activate most experts anyway and run dense GEMMs.
-AUTO_SPARSE = ("decode", "batch_decode", "batch_verify")
+AUTO_SPARSE = ("decode", "batch_decode", "batch_verify", "decode_to_last_hidden_states",
+               "batch_verify_to_last_hidden_states")
+
+
 
 
 def sparse_functions(policy: str) -> list[str]:
@@ -161,10 +167,14 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
         sparse_fns = sparse_functions(opts.ffn)
         graph_passes = []
         if sparse_fns:
+            from blockffn.relax_passes.add_dense_twins import AddDenseTwins
             from blockffn.relax_passes.lower_sparse_ffn import LowerBlockFFNSparse
 
-            graph_passes.append(LowerBlockFFNSparse(sparse_fns, family=preset.kernel_family))
-        metadata["ffn"] = {"policy": opts.ffn, "sparse_functions": sparse_fns}
+            # dense twins (`decode_dense`, ...) let the runtime and `blockffn bench` run both FFN lowerings
+            # of the same weights from one library
+            graph_passes += [AddDenseTwins(sparse_fns), LowerBlockFFNSparse(sparse_fns, family=preset.kernel_family)]
+        metadata["ffn"] = {"policy": opts.ffn, "sparse_functions": sparse_fns,
+                           "dense_twins": {f: f + DENSE_TWIN_SUFFIX for f in sparse_fns}}
         from blockffn.schedules.dlight_rules import schedule_passes
 
         pipeline, pass_names = build_pipeline(target, metadata, bounds, graph_passes=graph_passes,

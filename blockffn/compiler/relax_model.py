@@ -262,6 +262,19 @@ class RelaxBlockFFN(nn.Module):
     def batch_verify(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
         return self._logits(self._hidden(input_embeds, paged_kv_cache)), paged_kv_cache
 
+    # speculative decoding (EAGLE drafts read the target's final-norm hidden states; MLC names)
+    def prefill_to_last_hidden_states(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        return self._hidden(input_embed, paged_kv_cache), paged_kv_cache
+
+    def decode_to_last_hidden_states(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        return self._hidden(input_embed, paged_kv_cache), paged_kv_cache
+
+    def batch_verify_to_last_hidden_states(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        return self._hidden(input_embeds, paged_kv_cache), paged_kv_cache
+
+    def get_logits(self, hidden_states: Tensor) -> Tensor:
+        return self._logits(hidden_states)
+
     def create_tir_paged_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
                                   prefill_chunk_size: tirx.Var, page_size: tirx.Var,
                                   support_sliding_window: tirx.Var) -> PagedKVCache:
@@ -292,6 +305,13 @@ class RelaxBlockFFN(nn.Module):
                              "$": packed},
             "batch_verify": {"input_embeds": nn.spec.Tensor([1, "seq_len", d], dt), "paged_kv_cache": kv,
                              "$": packed},
+            "prefill_to_last_hidden_states": {"input_embed": nn.spec.Tensor([1, "seq_len", d], dt),
+                                              "paged_kv_cache": kv, "$": packed},
+            "decode_to_last_hidden_states": {"input_embed": nn.spec.Tensor([1, 1, d], dt), "paged_kv_cache": kv,
+                                             "$": packed},
+            "batch_verify_to_last_hidden_states": {"input_embeds": nn.spec.Tensor([1, "seq_len", d], dt),
+                                                   "paged_kv_cache": kv, "$": packed},
+            "get_logits": {"hidden_states": nn.spec.Tensor(["seq_len", d], dt), "$": packed},
             "create_tir_paged_kv_cache": {
                 "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int, "page_size": int,
                 "support_sliding_window": int, "$": {"param_mode": "none", "effect_mode": "none"}},

@@ -37,7 +37,9 @@ class KVState:
 
 class Engine:
     def __init__(self, artifact_dir, device: str = "cpu", max_total_seq_len: int | None = None,
-                 page_size: int = 16, verify_md5: bool = True):
+                 page_size: int = 16, verify_md5: bool = True, ffn: str = "auto"):
+        """``ffn``: ``auto`` runs the functions as compiled (sparse where the artifact's policy made them sparse);
+        ``dense`` runs the dense twins of those functions (same weights, every expert computed)."""
         import tvm
         from tvm.runtime.vm import VirtualMachine  # runtime-only: no tvm.relax (compiler) import
 
@@ -57,6 +59,9 @@ class Engine:
             raise ArtifactError(f"{self.art.library}: cannot be loaded ({str(e).splitlines()[0]})") from None
         self.lib = lib
         self.vm = VirtualMachine(lib, self.dev)
+        self.functions = set(self.art.manifest.get("functions", []))
+        self.ffn = ffn
+        self._names = self._function_names(ffn)
         self._load_params()
         self._f = {name: tvm.get_global_func(f"vm.builtin.{name}") for name in (
             "kv_state_add_sequence", "kv_state_remove_sequence", "kv_state_fork_sequence",
@@ -68,6 +73,17 @@ class Engine:
                                                        S([self.prefill_chunk]), S([page_size]), S([0]))
         self.state = KVState()
         self._tokenizer = None
+
+    def _function_names(self, ffn: str) -> dict:
+        twins = (self.art.manifest.get("ffn") or {}).get("dense_twins", {})
+        if ffn == "auto":
+            return {}
+        if ffn == "dense":
+            return dict(twins)
+        raise BlockFFNError(f"unknown ffn mode {ffn!r}; use auto (as compiled) or dense")
+
+    def has_function(self, name: str) -> bool:
+        return name in self.functions
 
     # ------------------------------------------------------------------------------------------ loading
     def _load_params(self) -> None:
@@ -149,7 +165,7 @@ class Engine:
         else:
             self._f["kv_state_begin_forward"](self.kv, S(list(seq_ids)), S(list(lengths)),
                                               S(list(tree_parent_ptr)))
-        out = self.vm[func](*args, self.kv, self.params)
+        out = self.vm[self._names.get(func, func)](*args, self.kv, self.params)
         self._f["kv_state_end_forward"](self.kv)
         for sid, n in zip(seq_ids, lengths):
             self.state.lengths[sid] += n
@@ -199,6 +215,40 @@ class Engine:
         self._last_parents = list(parent_ptr)
         out = self._forward("batch_verify", [seq_id], [len(tokens)], [emb], tree_parent_ptr=parent_ptr)
         return out.numpy()[0]
+
+    def verify_hidden(self, seq_id: int, tokens, parent_ptr) -> np.ndarray:
+        """`batch_verify` returning the final-norm hidden states [n, d] (what an EAGLE draft reads) instead of
+        logits; `get_logits` turns rows of them into logits."""
+        if len(tokens) != len(parent_ptr):
+            raise BlockFFNError("tokens and parent_ptr must have the same length")
+        self._check_room([seq_id], [len(tokens)])
+        emb = self._reshaped_embeds(list(tokens), (1, len(tokens), self.cfg.hidden_size))
+        self._last_parents = list(parent_ptr)
+        out = self._forward("batch_verify_to_last_hidden_states", [seq_id], [len(tokens)], [emb],
+                            tree_parent_ptr=parent_ptr)
+        return out.numpy()[0]
+
+    def prefill_hidden(self, seq_id: int, token_ids) -> np.ndarray:
+        """Prefill (in chunks) returning every position's final-norm hidden state [n, d]."""
+        token_ids = list(token_ids)
+        if not token_ids:
+            raise BlockFFNError("cannot prefill zero tokens")
+        self._check_room([seq_id], [len(token_ids)])
+        parts = []
+        for i in range(0, len(token_ids), self.prefill_chunk):
+            chunk = token_ids[i: i + self.prefill_chunk]
+            emb = self._reshaped_embeds(chunk, (1, len(chunk), self.cfg.hidden_size))
+            parts.append(self._forward("prefill_to_last_hidden_states", [seq_id], [len(chunk)], [emb]).numpy()[0])
+        return np.concatenate(parts)
+
+    def get_logits(self, hidden: np.ndarray) -> np.ndarray:
+        """Logits [n, V] (float32) of final-norm hidden states [n, d]."""
+        h = self._tensor(np.ascontiguousarray(hidden, dtype=self.dtype_np))
+        return self.vm["get_logits"](h, self.params).numpy()
+
+    @property
+    def dtype_np(self):
+        return np.float16 if self.dtype == "float16" else np.float32
 
     def commit_tree(self, seq_id: int, n_tree: int, accepted_leaf: int) -> None:
         """Keep the path root..``accepted_leaf`` of the last verified tree (-1 keeps nothing)."""
