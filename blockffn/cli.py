@@ -158,6 +158,66 @@ def train_cmd(data_dir, output, preset, config_file, layers, steps, batch_size, 
                    f"CLS8 {ev['cls']['8']:.3f}; model in {Path(output) / 'model'}")
 
 
+# ---------------------------------------------------------------------------------------------------------- train-draft
+@cli.command("train-draft")
+@click.option("--target-model", "target_dir", type=click.Path(path_type=Path), default=None,
+              help="Frozen target model folder (default: the bundled model).")
+@click.option("--text", "texts", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="Training text (.txt, .jsonl, optionally .xz): --text A [B ...] (more files may follow).")
+@click.argument("more_texts", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Draft folder to write.")
+@click.option("--steps", default=1000, show_default=True)
+@click.option("--time-budget", type=float, default=None, help="Stop after this many minutes (lr decays to it).")
+@click.option("--lr", default=3e-3, show_default=True, help="Peak lr (AdamW, warmup then WSD decay).")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--seq-len", default=256, show_default=True)
+@click.option("--warmup-steps", default=50, show_default=True)
+@click.option("--draft-vocab-size", type=int, default=None,
+              help="Frequency-ranked draft vocabulary (FR-Spec); default: the target's full vocabulary.")
+@click.option("--holdout-fraction", default=0.02, show_default=True,
+              help="Leave out this tail of every file's documents (what `data prepare` holds out).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch threads.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+def train_draft_cmd(target_dir, texts, more_texts, output, steps, time_budget, lr, batch_size, seq_len, warmup_steps,
+                    draft_vocab_size, holdout_fraction, dtype, seed, threads, overwrite) -> None:
+    """Train an EAGLE draft head on a frozen target's hidden states (feature regression + target-distribution CE).
+
+    Example: blockffn train-draft --text corpus/*.txt.xz --output draft --time-budget 20 --threads 1
+    """
+    from blockffn.train.draft_trainer import DraftTrainConfig, DraftTrainer
+
+    if steps <= 0:
+        raise BlockFFNError("--steps must be positive")
+    tc = DraftTrainConfig(target_model=str(_model_dir(target_dir)), texts=[str(t) for t in texts + more_texts],
+                          output_dir=str(output), steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
+                          warmup_steps=warmup_steps, draft_vocab_size=draft_vocab_size,
+                          holdout_fraction=holdout_fraction,
+                          time_budget=time_budget * 60 if time_budget is not None else None, dtype=dtype,
+                          overwrite=overwrite, seed=seed, threads=threads)
+    if Path(output).exists() and not overwrite and any(Path(output).iterdir()):
+        raise CheckpointError(f"{output}: output folder exists and is not empty (pass --overwrite)")
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]train-draft"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("train-draft", total=steps, info="")
+        log = bar.console.print if sys.stderr.isatty() else click.echo
+
+        def on_step(rec):
+            bar.update(task, completed=rec["step"],
+                       info=f"loss {rec['loss']:.4f} (v {rec['v']:.4f} p {rec['p']:.3f}) top-1 {rec['acc']:.3f}")
+            if not sys.stderr.isatty() and (rec["step"] % 50 == 0 or rec["step"] == 1):
+                click.echo(f"step {rec['step']}: loss {rec['loss']:.4f} v {rec['v']:.4f} p {rec['p']:.4f} "
+                           f"top-1 {rec['acc']:.3f} lr {rec['lr']:.2e} ({rec['elapsed']:.0f}s)")
+
+        result = DraftTrainer(tc, log=log, progress=on_step).train()
+    click.echo(f"done: {result['step']} steps, {result['tokens']} tokens, {result['elapsed']:.0f}s; held-out top-1 "
+               f"agreement {result['eval']['acc']:.3f}; draft in {output}")
+
+
 # ---------------------------------------------------------------------------------------------------------- eval
 @cli.command("eval")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
@@ -220,10 +280,15 @@ def eval_cmd(model_dir, text_file, seq_len, max_tokens, sparse, as_json) -> None
 @click.option("--top-p", default=0.95, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--sparse", is_flag=True, help="Union-sparse FFN in the PyTorch model.")
+@click.option("--draft", "draft_dir", type=click.Path(path_type=Path), default=None,
+              help="Speculative decoding with this EAGLE draft folder (PyTorch; e.g. MODEL/draft).")
+@click.option("--spec-mode", type=click.Choice(["tree", "chain"]), default="tree", show_default=True,
+              help="With --draft: EAGLE-2 dynamic tree (depth 3, top-10, 32 nodes) or a chain.")
+@click.option("--draft-len", default=4, show_default=True, help="With --draft --spec-mode chain: drafted tokens.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"tokens": [...], "text": "...", "tok_per_s": ...}.')
 def generate_cmd(model_dir, artifact_dir, device, prompt, max_tokens, greedy, temperature, top_p, seed, sparse,
-                 as_json) -> None:
-    """Generate text from a prompt, with PyTorch (--model) or a compiled artifact (--artifact)."""
+                 draft_dir, spec_mode, draft_len, as_json) -> None:
+    """Generate text from a prompt, with PyTorch (--model, optionally --draft) or a compiled artifact (--artifact)."""
     from blockffn.data.prepare import load_tokenizer
     from blockffn.model.generate import SamplingParams
 
@@ -231,6 +296,10 @@ def generate_cmd(model_dir, artifact_dir, device, prompt, max_tokens, greedy, te
         raise BlockFFNError("--max-tokens must be positive")
     if model_dir and artifact_dir:
         raise BlockFFNError("give either --model or --artifact, not both")
+    if draft_dir and artifact_dir:
+        raise BlockFFNError("--draft runs with the PyTorch model; it cannot be combined with --artifact")
+    if draft_len <= 0:
+        raise BlockFFNError("--draft-len must be positive")
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, greedy=greedy, seed=seed)
     if artifact_dir:
         from blockffn.runtime.engine import Engine
@@ -246,11 +315,23 @@ def generate_cmd(model_dir, artifact_dir, device, prompt, max_tokens, greedy, te
         model_dir = _model_dir(model_dir)
         model = load_model(model_dir, dtype="float32")
         tok = load_tokenizer(model_dir)
-        r = generate(model, tok.encode(prompt).ids, params, sparse=sparse)
-        backend = "PyTorch eager"
+        if draft_dir:
+            from blockffn.model.draft import load_draft
+            from blockffn.model.spec_generate import SpecParams, speculative_generate
+
+            draft = load_draft(draft_dir, target=model)
+            spec = SpecParams(mode=spec_mode, chain_len=draft_len)
+            r = speculative_generate(model, draft, tok.encode(prompt).ids, params, spec, sparse=sparse)
+            backend = f"PyTorch eager, EAGLE {spec_mode}, {r['mean_accepted']:.2f} tokens per verify"
+        else:
+            r = generate(model, tok.encode(prompt).ids, params, sparse=sparse)
+            backend = "PyTorch eager"
     text = tok.decode(r["tokens"])
     if as_json:
-        click.echo(json.dumps({"tokens": r["tokens"], "text": text, "tok_per_s": r["tok_per_s"]}))
+        out = {"tokens": r["tokens"], "text": text, "tok_per_s": r["tok_per_s"]}
+        if "mean_accepted" in r:
+            out["mean_accepted"] = r["mean_accepted"]
+        click.echo(json.dumps(out))
     else:
         click.echo(prompt + text)
         click.echo(f"[{len(r['tokens'])} tokens, {r['tok_per_s']:.1f} tok/s, {backend}]", err=True)

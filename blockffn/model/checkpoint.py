@@ -89,14 +89,19 @@ def _split_fused_qkv(tensors: dict, cfg: BlockFFNConfig) -> dict:
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], cfg: BlockFFNConfig, source: str) -> None:
-    expected = expected_shapes(cfg)
+    # some exporters write a tied head explicitly; it is dropped on load
+    ignore = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
+    check_named_shapes(tensors, expected_shapes(cfg), source, ignore=ignore)
+
+
+def check_named_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str,
+                       ignore: tuple[str, ...] = (), integer: tuple[str, ...] = ()) -> None:
+    """Exactly the ``expected`` names (plus ``ignore``d extras) with those shapes; float unless in ``integer``."""
     missing = [n for n in expected if n not in tensors]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{source}: missing tensor '{missing[0]}'{more}")
-    extra = [n for n in tensors if n not in expected]
-    if cfg.tie_word_embeddings and extra == ["lm_head.weight"]:
-        extra = []  # some exporters write the tied head explicitly; it is dropped on load
+    extra = [n for n in tensors if n not in expected and n not in ignore]
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise CheckpointError(f"{source}: unexpected tensor '{extra[0]}'{more} for this config.json")
@@ -105,8 +110,10 @@ def check_tensors(tensors: dict[str, torch.Tensor], cfg: BlockFFNConfig, source:
         if got != shape:
             raise CheckpointError(f"{source}: tensor '{name}' has shape {list(got)} but config.json implies "
                                   f"{list(shape)}")
-        if not tensors[name].is_floating_point():
-            raise CheckpointError(f"{source}: tensor '{name}' has non-float dtype {tensors[name].dtype}")
+        if tensors[name].is_floating_point() == (name in integer):
+            kind = "an integer" if name in integer else "a float"
+            raise CheckpointError(f"{source}: tensor '{name}' has dtype {tensors[name].dtype}; expected {kind} "
+                                  f"tensor")
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:

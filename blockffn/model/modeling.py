@@ -249,6 +249,18 @@ def build_attention_mask(doc_ids: torch.Tensor | None, q_len: int, k_len: int, b
     return mask
 
 
+def default_positions_and_mask(input_ids: torch.Tensor, cache: KVCache | None, positions: torch.Tensor | None,
+                               mask: torch.Tensor | None, doc_ids: torch.Tensor | None = None):
+    """Positions from the cache length onwards and the causal (document) mask, unless given explicitly."""
+    b, t = input_ids.shape
+    past = cache.length if cache is not None else 0
+    if positions is None:
+        positions = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+    if mask is None:
+        mask = build_attention_mask(doc_ids, t, past + t, b, input_ids.device)
+    return positions, mask
+
+
 class BlockFFNForCausalLM(nn.Module):
     def __init__(self, cfg: BlockFFNConfig):
         super().__init__()
@@ -283,12 +295,7 @@ class BlockFFNForCausalLM(nn.Module):
         attention to tokens of the same packed document; ``mask`` (bool [B,1,T,past+T]) overrides both, e.g. for
         tree verification.  ``sparse`` computes each FFN over the union of the experts active in this call."""
         cfg = self.config
-        b, t = input_ids.shape
-        past = cache.length if cache is not None else 0
-        if positions is None:
-            positions = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
-        if mask is None:
-            mask = build_attention_mask(doc_ids, t, past + t, b, input_ids.device)
+        positions, mask = default_positions_and_mask(input_ids, cache, positions, mask, doc_ids)
         h = self.model.embed_tokens(input_ids) * cfg.scale_emb
         router_logits = []
         for layer in self.model.layers:
