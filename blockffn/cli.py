@@ -353,6 +353,9 @@ def _compile_options(f):
         click.option("--arch", default=None, help="CUDA SM for cuda targets, e.g. sm_87 (default: the preset's)."),
         click.option("--ffn", type=click.Choice(["auto", "dense", "sparse"]), default="auto", show_default=True,
                      help="BlockFFN lowering: auto = sparse decode/verify, dense prefill."),
+        click.option("--draft", default="auto", show_default=True,
+                     help="EAGLE draft head folder to build into ARTIFACT/draft (auto: MODEL/draft if present; "
+                          "none: no draft)."),
         click.option("--overwrite", is_flag=True, help="Replace an existing output folder."),
         click.option("--list-targets", is_flag=True, help="Print the target presets and exit."),
     ]
@@ -362,7 +365,7 @@ def _compile_options(f):
 
 
 def _run_compile(model_dir, target, quantization, output, context_window, prefill_chunk, max_batch_size, ffn,
-                 arch, overwrite, list_targets) -> None:
+                 arch, draft, overwrite, list_targets) -> None:
     from blockffn.targets import list_targets as presets
 
     if list_targets:
@@ -374,7 +377,7 @@ def _run_compile(model_dir, target, quantization, output, context_window, prefil
 
     opts = CompileOptions(model_dir=_model_dir(model_dir), target=target, quantization=quantization, output=output,
                           context_window=context_window, prefill_chunk=prefill_chunk, max_batch_size=max_batch_size,
-                          overwrite=overwrite, ffn=ffn, arch=arch)
+                          overwrite=overwrite, ffn=ffn, arch=arch, draft=draft)
     r = compile_model(opts, log=click.echo)
     mb = 1 / 2**20
     click.echo("memory:")

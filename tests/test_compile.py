@@ -107,7 +107,7 @@ def test_batch_verify_on_a_branching_tree(compiled):
     got = engine.batch_verify(0, tokens, parents)
     assert rel_err(got, tree_reference(model, prompt, tokens, parents)) <= 1e-4
     # keep the path 0 -> 1 -> 3, then decoding continues from it exactly as from a plain sequence
-    engine.commit_tree(0, len(tokens), 3)
+    engine.commit_tree(0, 3)
     assert engine.state.lengths[0] == len(prompt) + 3
     path = prompt + [tokens[0], tokens[1], tokens[3]]
     nxt = int(rng.integers(0, model.config.vocab_size))

@@ -87,3 +87,37 @@ def open_artifact(path: str | Path, verify_md5: bool = True) -> Artifact:
                                        if k not in ("context_window_size", "prefill_chunk_size",
                                                     "tensor_parallel_shards", "max_batch_size")})
     return Artifact(path, manifest, chat_config, cache, cfg)
+
+
+@dataclass
+class DraftArtifact:
+    """``ARTIFACT/draft``: an EAGLE draft head's library and weights (see blockffn.compiler.compile_draft)."""
+
+    path: Path
+    manifest: dict
+    tensor_cache: dict
+
+    @property
+    def library(self) -> Path:
+        return self.path / self.manifest["library"]
+
+    @property
+    def param_names(self) -> list[str]:
+        return [p["name"] for p in self.manifest["params"]]
+
+
+def open_draft(path: str | Path, verify_md5: bool = True) -> DraftArtifact:
+    from blockffn.compiler.compile_draft import DRAFT_FORMAT, DRAFT_MANIFEST
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: not a draft folder")
+    manifest = _read_json(path / DRAFT_MANIFEST)
+    if manifest.get("format") != DRAFT_FORMAT:
+        raise ArtifactError(f"{path / DRAFT_MANIFEST}: format {manifest.get('format')!r}, expected {DRAFT_FORMAT!r}")
+    cache = _read_json(path / TENSOR_CACHE)
+    check_versions(manifest, path / DRAFT_MANIFEST)
+    if not (path / manifest.get("library", "")).is_file():
+        raise ArtifactError(f"{path / manifest.get('library', '')}: draft library missing")
+    check_shards(path, cache, verify_md5)
+    return DraftArtifact(path, manifest, cache)

@@ -30,6 +30,7 @@ class CompileOptions:
     overwrite: bool = False
     ffn: str = "auto"  # dense | sparse | auto
     arch: str | None = None  # CUDA SM override, e.g. sm_87
+    draft: str | None = "auto"  # EAGLE draft head folder; auto: MODEL/draft when present; none: no draft
 
 
 MODEL_FUNCTIONS = ("prefill", "decode", "batch_prefill", "batch_decode", "batch_verify",
@@ -51,6 +52,22 @@ def sparse_functions(policy: str) -> list[str]:
     if policy == "auto":
         return list(AUTO_SPARSE)
     raise BlockFFNError(f"unknown --ffn {policy!r}; use dense, sparse or auto")
+
+
+def draft_source(option: str | None, model_dir: Path) -> Path | None:
+    """The draft head to build next to the model: ``auto`` = ``MODEL/draft`` if it exists, ``none`` = no draft."""
+    if option in (None, "none"):
+        return None
+    if option == "auto":
+        from blockffn.model.draft import bundled_draft_path
+
+        path = bundled_draft_path(model_dir)
+        return path if (path / "config.json").exists() else None
+    path = Path(option)
+    if not (path / "config.json").exists():
+        raise BlockFFNError(f"--draft {option}: not a draft head folder (no config.json); train one with "
+                            f"`blockffn train-draft`")
+    return path
 
 
 def _safe_name(text: str) -> str:
@@ -175,31 +192,33 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
             graph_passes += [AddDenseTwins(sparse_fns), LowerBlockFFNSparse(sparse_fns, family=preset.kernel_family)]
         metadata["ffn"] = {"policy": opts.ffn, "sparse_functions": sparse_fns,
                            "dense_twins": {f: f + DENSE_TWIN_SUFFIX for f in sparse_fns}}
-        from blockffn.schedules.dlight_rules import schedule_passes
+        def build_library(module, meta, out_dir: Path, file_name: str, passes=(), phase: str = "",
+                          lib_prefix: str | None = prefix):
+            """Passes -> relax.build -> export with the target's linker; returns (pass names, functions)."""
+            from tvm import relax
 
-        pipeline, pass_names = build_pipeline(target, metadata, bounds, graph_passes=graph_passes,
-                                              schedule_passes=schedule_passes(target))
-        if prefix is not None:
-            mod = mod.with_attr("system_lib_prefix", prefix)
-        from blockffn.schedules.dlight_rules import metal_simdgroup_disabled
+            from blockffn.schedules.dlight_rules import metal_simdgroup_disabled, schedule_passes
 
-        with timer("passes"):
-            with target, metal_simdgroup_disabled(target):
-                lowered = pipeline(mod)
-        from tvm import relax
+            pipeline, names = build_pipeline(target, meta, bounds, graph_passes=list(passes),
+                                             schedule_passes=schedule_passes(target))
+            if lib_prefix is not None:
+                module = module.with_attr("system_lib_prefix", lib_prefix)
+            with timer(phase + "passes"):
+                with target, metal_simdgroup_disabled(target):
+                    lowered = pipeline(module)
+            fns = sorted(gv.name_hint for gv, f in lowered.functions.items()
+                         if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs)
+            with timer(phase + "build"):
+                executable = relax.build(lowered, target, relax_pipeline=tvm.transform.Sequential([]),
+                                         system_lib=preset.system_lib)
+            with timer(phase + "export_library"):
+                if fcompile is not None:
+                    executable.export_library(str(out_dir / file_name), fcompile=fcompile)
+                else:
+                    executable.export_library(str(out_dir / file_name))
+            return names, fns
 
-        functions = sorted(gv.name_hint for gv, f in lowered.functions.items()
-                           if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs)
-        with timer("build"):
-            from tvm import relax as _relax
-
-            executable = _relax.build(lowered, target, relax_pipeline=tvm.transform.Sequential([]),
-                                      system_lib=preset.system_lib)
-        with timer("export_library"):
-            if fcompile is not None:
-                executable.export_library(str(tmp / lib_name), fcompile=fcompile)
-            else:
-                executable.export_library(str(tmp / lib_name))
+        pass_names, functions = build_library(mod, metadata, tmp, lib_name, graph_passes)
         with timer("weights"):
             sd = model.state_dict()
             tensors = {p["name"]: to_numpy(to_library_layout(p["name"], sd[p["name"]]), dtype) for p in params_meta}
@@ -211,6 +230,20 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
             tokenizer_files = [f for f in TOKENIZER_FILES if (model_dir / f).exists()]
             for f in tokenizer_files:
                 (tmp / f).write_bytes((model_dir / f).read_bytes())
+        draft_entry = None
+        draft_src = draft_source(opts.draft, model_dir)
+        if draft_src is not None:
+            from blockffn.compiler.compile_draft import DRAFT_FOLDER, build_draft
+
+            draft_lib = "draft-" + lib_name
+
+            def build_draft_library(module, meta, out_dir):
+                _, fns = build_library(module, meta, out_dir, draft_lib, phase="draft ",
+                                       lib_prefix=None if prefix is None else prefix + "draft_")
+                return draft_lib, fns
+
+            draft_entry = build_draft(draft_src, model, target, preset.name, dtype, tmp / DRAFT_FOLDER,
+                                      build_draft_library, log, opts.max_batch_size, context)
         chat = layout.chat_config(cfg, opts.quantization, context, prefill_chunk, opts.max_batch_size,
                                   tokenizer_files)
         (tmp / layout.CHAT_CONFIG).write_text(json.dumps(chat, indent=2) + "\n")
@@ -231,6 +264,7 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
             "passes": pass_names,
             "ffn": metadata["ffn"],
             "functions": functions,
+            "draft": draft_entry,
             "versions": {"tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__, "torch": torch.__version__,
                          "blockffn": __version__},
             "context_window_size": context, "prefill_chunk_size": prefill_chunk,

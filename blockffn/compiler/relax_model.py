@@ -208,18 +208,6 @@ class RelaxBlockFFN(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
 
-    @property
-    def cache_head_dim(self) -> int:
-        return cache_layout(self.cfg)["head_dim"]
-
-    @property
-    def rotary_dim(self) -> int:
-        return cache_layout(self.cfg)["rotary_dim"]
-
-    @property
-    def cache_kv_heads(self) -> int:
-        return cache_layout(self.cfg)["num_key_value_heads"]
-
     # ------------------------------------------------------------------------------------------- pieces
     def _hidden(self, h: Tensor, kv: PagedKVCache) -> Tensor:
         for layer in self.model.layers:
@@ -278,17 +266,8 @@ class RelaxBlockFFN(nn.Module):
     def create_tir_paged_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
                                   prefill_chunk_size: tirx.Var, page_size: tirx.Var,
                                   support_sliding_window: tirx.Var) -> PagedKVCache:
-        c = self.cfg
-        return _TIRPagedKVCache(
-            attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
-            prefill_chunk_size=prefill_chunk_size, page_size=page_size,
-            support_sliding_window=support_sliding_window,
-            layer_partition=relax.ShapeExpr([0, c.num_hidden_layers]), num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads, num_key_value_heads=self.cache_kv_heads,
-            qk_head_dim=self.cache_head_dim, v_head_dim=self.cache_head_dim, mla_original_qk_head_dim=0,
-            mla_original_v_head_dim=0, rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta,
-            rope_scaling={}, rope_ext_factors=relax.prim_value(0), rotary_dim=self.rotary_dim,
-            enable_disaggregation=False, dtype=self.dtype, target=self._target)
+        return paged_kv_cache(self.cfg, self.dtype, self._target, max_batch_size, max_total_seq_len,
+                              prefill_chunk_size, page_size, support_sliding_window)
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:
         d, dt = self.cfg.hidden_size, self.dtype
@@ -317,6 +296,21 @@ class RelaxBlockFFN(nn.Module):
                 "support_sliding_window": int, "$": {"param_mode": "none", "effect_mode": "none"}},
         }
         return nn.spec.ModuleSpec.from_raw(spec, self)
+
+
+def paged_kv_cache(c: BlockFFNConfig, dtype: str, target, max_batch_size, max_total_seq_len, prefill_chunk_size,
+                   page_size, support_sliding_window) -> PagedKVCache:
+    """The TIR paged KV cache for ``c``'s attention layers (MLA stored as MHA, see `cache_layout`)."""
+    kv = cache_layout(c)
+    return _TIRPagedKVCache(
+        attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+        prefill_chunk_size=prefill_chunk_size, page_size=page_size, support_sliding_window=support_sliding_window,
+        layer_partition=relax.ShapeExpr([0, c.num_hidden_layers]), num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, num_key_value_heads=kv["num_key_value_heads"],
+        qk_head_dim=kv["head_dim"], v_head_dim=kv["head_dim"], mla_original_qk_head_dim=0,
+        mla_original_v_head_dim=0, rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta,
+        rope_scaling={}, rope_ext_factors=relax.prim_value(0), rotary_dim=kv["rotary_dim"],
+        enable_disaggregation=False, dtype=dtype, target=target)
 
 
 def _fix_cpu_tree_attention_order(call: relax.Call) -> relax.Call:

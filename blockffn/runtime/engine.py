@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -35,34 +36,29 @@ class KVState:
     lengths: dict = field(default_factory=dict)
 
 
-class Engine:
-    def __init__(self, artifact_dir, device: str = "cpu", max_total_seq_len: int | None = None,
-                 page_size: int = 16, verify_md5: bool = True, ffn: str = "auto"):
-        """``ffn``: ``auto`` runs the functions as compiled (sparse where the artifact's policy made them sparse);
-        ``dense`` runs the dense twins of those functions (same weights, every expert computed)."""
+class PagedModel:
+    """A compiled library with its weights and one paged KV cache: sequence bookkeeping and forward calls.
+    Shared by the target model (`Engine`) and the EAGLE draft library (`blockffn.runtime.draft.EagleDraft`)."""
+
+    def __init__(self, folder: Path, library: Path, param_names: list[str], device: str, max_batch: int,
+                 context_window: int, prefill_chunk: int, hidden_size: int, functions, dtype: str,
+                 max_total_seq_len: int | None = None, page_size: int = 16):
         import tvm
         from tvm.runtime.vm import VirtualMachine  # runtime-only: no tvm.relax (compiler) import
 
-        self.art: Artifact = open_artifact(artifact_dir, verify_md5=verify_md5)
-        if self.art.manifest["target"]["device"] != device:
-            raise ArtifactError(f"{artifact_dir}: built for device {self.art.manifest['target']['device']}, "
-                                f"not {device}")
+        self.folder = Path(folder)
         self.dev = _device(device)
-        self.cfg = self.art.config
-        self.context_window = self.art.manifest["context_window_size"]
-        self.prefill_chunk = self.art.manifest["prefill_chunk_size"]
-        self.max_batch = self.art.manifest["max_batch_size"]
-        self.dtype = self.art.manifest["dtype"]
+        self.device = device
+        self.max_batch, self.context_window, self.prefill_chunk = max_batch, context_window, prefill_chunk
+        self.hidden_size, self.dtype = hidden_size, dtype
+        self.functions = set(functions)
         try:
-            lib = tvm.runtime.load_module(str(self.art.library))
+            lib = tvm.runtime.load_module(str(library))
         except Exception as e:  # TVM raises its own error classes
-            raise ArtifactError(f"{self.art.library}: cannot be loaded ({str(e).splitlines()[0]})") from None
+            raise ArtifactError(f"{library}: cannot be loaded ({str(e).splitlines()[0]})") from None
         self.lib = lib
         self.vm = VirtualMachine(lib, self.dev)
-        self.functions = set(self.art.manifest.get("functions", []))
-        self.ffn = ffn
-        self._names = self._function_names(ffn)
-        self._load_params()
+        self.params = self._load_params(param_names)
         self._f = {name: tvm.get_global_func(f"vm.builtin.{name}") for name in (
             "kv_state_add_sequence", "kv_state_remove_sequence", "kv_state_fork_sequence",
             "kv_state_begin_forward", "kv_state_end_forward", "kv_state_popn",
@@ -72,39 +68,27 @@ class Engine:
         self.kv = self.vm["create_tir_paged_kv_cache"](S([self.max_batch]), S([self.max_total_seq_len]),
                                                        S([self.prefill_chunk]), S([page_size]), S([0]))
         self.state = KVState()
-        self._tokenizer = None
+        self._names: dict = {}
+        self._pending_tree: dict = {}  # seq -> (n_tree, parent_ptr) of a tree forward not yet committed
 
-    def _function_names(self, ffn: str) -> dict:
-        twins = (self.art.manifest.get("ffn") or {}).get("dense_twins", {})
-        if ffn == "auto":
-            return {}
-        if ffn == "dense":
-            return dict(twins)
-        raise BlockFFNError(f"unknown ffn mode {ffn!r}; use auto (as compiled) or dense")
-
-    def has_function(self, name: str) -> bool:
-        return name in self.functions
-
-    # ------------------------------------------------------------------------------------------ loading
-    def _load_params(self) -> None:
+    def _load_params(self, names):
         import tvm
 
         load = tvm.get_global_func("vm.builtin.tensor_cache.load")
         by_name = tvm.get_global_func("vm.builtin.param_array_from_cache_by_name")
         clear = tvm.get_global_func("vm.builtin.tensor_cache.clear")
-        load(str(self.art.path), int(self.dev.dlpack_device_type()), int(self.dev.index))
+        load(str(self.folder), int(self.dev.dlpack_device_type()), int(self.dev.index))
         try:
-            self.params = by_name(self.art.param_names)
+            return by_name(names)
         finally:
             clear()
 
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from blockffn.data.prepare import load_tokenizer
+    def has_function(self, name: str) -> bool:
+        return name in self.functions
 
-            self._tokenizer = load_tokenizer(self.art.path)
-        return self._tokenizer
+    @property
+    def dtype_np(self):
+        return np.float16 if self.dtype == "float16" else np.float32
 
     # ------------------------------------------------------------------------------------------ sequences
     def add_sequence(self, seq_id: int) -> None:
@@ -116,37 +100,34 @@ class Engine:
     def remove_sequence(self, seq_id: int) -> None:
         self._f["kv_state_remove_sequence"](self.kv, seq_id)
         self.state.lengths.pop(seq_id, None)
+        self._pending_tree.pop(seq_id, None)
 
     def fork_sequence(self, parent: int, child: int, fork_pos: int = -1) -> None:
         self._f["kv_state_fork_sequence"](self.kv, parent, child, fork_pos)
         self.state.lengths[child] = self.state.lengths[parent] if fork_pos < 0 else fork_pos
 
     def popn(self, seq_id: int, n: int) -> None:
-        self._f["kv_state_popn"](self.kv, seq_id, n)
-        self.state.lengths[seq_id] -= n
+        self._no_pending_tree(seq_id)
+        if not 0 <= n <= self.state.lengths[seq_id]:
+            raise BlockFFNError(f"cannot pop {n} tokens from sequence {seq_id} of {self.state.lengths[seq_id]}")
+        if n:
+            self._f["kv_state_popn"](self.kv, seq_id, n)
+            self.state.lengths[seq_id] -= n
 
     def reset(self) -> None:
         for sid in list(self.state.lengths):
             self.remove_sequence(sid)
 
-    # ------------------------------------------------------------------------------------------ model calls
+    def _no_pending_tree(self, seq_id: int) -> None:
+        # the paged cache cannot pop or extend past an uncommitted token tree (popn then corrupts the cache)
+        if seq_id in self._pending_tree:
+            raise BlockFFNError(f"sequence {seq_id} has a verified token tree that was not committed; call "
+                                f"commit_tree first")
+
     def _tensor(self, array: np.ndarray):
         import tvm
 
         return tvm.runtime.tensor(array, self.dev)
-
-    def embed(self, token_ids) -> "object":
-        ids = np.asarray(token_ids, dtype=np.int32)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
-            raise BlockFFNError(f"token id out of range 0..{self.cfg.vocab_size - 1}")
-        return self.vm["embed"](self._tensor(ids), self.params)
-
-    def _reshaped_embeds(self, token_ids, shape):
-        emb = self.embed(token_ids)
-        try:
-            return emb.view(shape)
-        except Exception:  # pragma: no cover - older runtimes without Tensor.view
-            return self._tensor(emb.numpy().reshape(shape))
 
     def _check_room(self, seq_ids, lengths) -> None:
         for sid, n in zip(seq_ids, lengths):
@@ -159,17 +140,84 @@ class Engine:
     def _forward(self, func: str, seq_ids, lengths, args, tree_parent_ptr=None):
         import tvm
 
+        for sid in seq_ids:
+            self._no_pending_tree(sid)
         S = tvm.runtime.ShapeTuple
         if tree_parent_ptr is None:
             self._f["kv_state_begin_forward"](self.kv, S(list(seq_ids)), S(list(lengths)))
         else:
             self._f["kv_state_begin_forward"](self.kv, S(list(seq_ids)), S(list(lengths)),
                                               S(list(tree_parent_ptr)))
+            self._pending_tree[seq_ids[0]] = (lengths[0], list(tree_parent_ptr))
         out = self.vm[self._names.get(func, func)](*args, self.kv, self.params)
         self._f["kv_state_end_forward"](self.kv)
         for sid, n in zip(seq_ids, lengths):
             self.state.lengths[sid] += n
         return out[0]
+
+    def commit_tree(self, seq_id: int, accepted_leaf: int) -> None:
+        """Keep the path root..``accepted_leaf`` of the last tree forward of ``seq_id`` (-1 keeps nothing)."""
+        import tvm
+
+        if seq_id not in self._pending_tree:
+            raise BlockFFNError(f"sequence {seq_id} has no token tree to commit")
+        n_tree, parents = self._pending_tree.pop(seq_id)
+        S = tvm.runtime.ShapeTuple
+        self._f["attention_kv_cache_commit_accepted_token_tree_nodes"](self.kv, S([seq_id]), S([accepted_leaf]))
+        depth, node = 0, accepted_leaf
+        while node >= 0:
+            depth, node = depth + 1, parents[node]
+        self.state.lengths[seq_id] += depth - n_tree
+
+
+class Engine(PagedModel):
+    """The target model's library: embed, prefill, decode, batch calls, tree verification, sampling helpers."""
+
+    def __init__(self, artifact_dir, device: str = "cpu", max_total_seq_len: int | None = None,
+                 page_size: int = 16, verify_md5: bool = True, ffn: str = "auto"):
+        """``ffn``: ``auto`` runs the functions as compiled (sparse where the artifact's policy made them sparse);
+        ``dense`` runs the dense twins of those functions (same weights, every expert computed)."""
+        self.art: Artifact = open_artifact(artifact_dir, verify_md5=verify_md5)
+        m = self.art.manifest
+        if m["target"]["device"] != device:
+            raise ArtifactError(f"{artifact_dir}: built for device {m['target']['device']}, not {device}")
+        self.cfg = self.art.config
+        super().__init__(self.art.path, self.art.library, self.art.param_names, device, m["max_batch_size"],
+                         m["context_window_size"], m["prefill_chunk_size"], self.cfg.hidden_size,
+                         m.get("functions", []), m["dtype"], max_total_seq_len, page_size)
+        self.ffn = ffn
+        self._names = self._function_names(ffn)
+        self._tokenizer = None
+
+    def _function_names(self, ffn: str) -> dict:
+        twins = (self.art.manifest.get("ffn") or {}).get("dense_twins", {})
+        if ffn == "auto":
+            return {}
+        if ffn == "dense":
+            return dict(twins)
+        raise BlockFFNError(f"unknown ffn mode {ffn!r}; use auto (as compiled) or dense")
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from blockffn.data.prepare import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.art.path)
+        return self._tokenizer
+
+    # ------------------------------------------------------------------------------------------ model calls
+    def embed(self, token_ids) -> "object":
+        ids = np.asarray(token_ids, dtype=np.int32)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
+            raise BlockFFNError(f"token id out of range 0..{self.cfg.vocab_size - 1}")
+        return self.vm["embed"](self._tensor(ids), self.params)
+
+    def _reshaped_embeds(self, token_ids, shape):
+        emb = self.embed(token_ids)
+        try:
+            return emb.view(shape)
+        except Exception:  # pragma: no cover - older runtimes without Tensor.view
+            return self._tensor(emb.numpy().reshape(shape))
 
     def prefill(self, seq_id: int, token_ids) -> np.ndarray:
         """Prefill in chunks of the artifact's prefill size; returns the last token's logits [V]."""
@@ -212,7 +260,6 @@ class Engine:
             raise BlockFFNError("tokens and parent_ptr must have the same length")
         self._check_room([seq_id], [len(tokens)])
         emb = self._reshaped_embeds(list(tokens), (1, len(tokens), self.cfg.hidden_size))
-        self._last_parents = list(parent_ptr)
         out = self._forward("batch_verify", [seq_id], [len(tokens)], [emb], tree_parent_ptr=parent_ptr)
         return out.numpy()[0]
 
@@ -223,7 +270,6 @@ class Engine:
             raise BlockFFNError("tokens and parent_ptr must have the same length")
         self._check_room([seq_id], [len(tokens)])
         emb = self._reshaped_embeds(list(tokens), (1, len(tokens), self.cfg.hidden_size))
-        self._last_parents = list(parent_ptr)
         out = self._forward("batch_verify_to_last_hidden_states", [seq_id], [len(tokens)], [emb],
                             tree_parent_ptr=parent_ptr)
         return out.numpy()[0]
@@ -245,28 +291,6 @@ class Engine:
         """Logits [n, V] (float32) of final-norm hidden states [n, d]."""
         h = self._tensor(np.ascontiguousarray(hidden, dtype=self.dtype_np))
         return self.vm["get_logits"](h, self.params).numpy()
-
-    @property
-    def dtype_np(self):
-        return np.float16 if self.dtype == "float16" else np.float32
-
-    def commit_tree(self, seq_id: int, n_tree: int, accepted_leaf: int) -> None:
-        """Keep the path root..``accepted_leaf`` of the last verified tree (-1 keeps nothing)."""
-        import tvm
-
-        S = tvm.runtime.ShapeTuple
-        self._f["attention_kv_cache_commit_accepted_token_tree_nodes"](self.kv, S([seq_id]), S([accepted_leaf]))
-        self.state.lengths[seq_id] -= n_tree
-        # the committed path length is the depth of the accepted leaf (+1)
-        self.state.lengths[seq_id] += self._tree_depth(accepted_leaf)
-
-    def _tree_depth(self, leaf: int) -> int:
-        depth, node = 0, leaf
-        parents = self._last_parents
-        while node >= 0:
-            depth += 1
-            node = parents[node]
-        return depth
 
     def library_function(self, name: str):
         """A TIR function of the library (e.g. the in-place logit processors), as MLC's runtime looks it up."""
