@@ -8,3 +8,20 @@ __version__ = "0.1.0"
 def default_model_path() -> Path:
     """Folder of the small trained BlockFFN bundled with the package (the default input of every command)."""
     return Path(__file__).resolve().parent / "bundled" / "blockffn-tiny"
+
+
+def bundled_path(name: str) -> Path:
+    """A data file shipped in ``blockffn/bundled`` (e.g. the held-out text ``heldout.txt.xz``)."""
+    return Path(__file__).resolve().parent / "bundled" / name
+
+
+def cache_dir() -> Path:
+    """Per-user cache (compiled bundled model, speculative cost profiles); ``BLOCKFFN_CACHE`` overrides it."""
+    import os
+
+    return Path(os.environ.get("BLOCKFFN_CACHE", Path.home() / ".cache" / "blockffn"))
+
+
+def default_artifact_path(target: str = "cpu") -> Path:
+    """Where commands that run a compiled library (chat, bench) keep the bundled model compiled for ``target``."""
+    return cache_dir() / "artifacts" / f"blockffn-tiny-{__version__}-{target}"

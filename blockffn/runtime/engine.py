@@ -287,6 +287,12 @@ class Engine(PagedModel):
             parts.append(self._forward("prefill_to_last_hidden_states", [seq_id], [len(chunk)], [emb]).numpy()[0])
         return np.concatenate(parts)
 
+    def decode_hidden(self, seq_id: int, token: int) -> np.ndarray:
+        """`decode` returning the final-norm hidden state [d] instead of logits."""
+        self._check_room([seq_id], [1])
+        emb = self._reshaped_embeds([token], (1, 1, self.cfg.hidden_size))
+        return self._forward("decode_to_last_hidden_states", [seq_id], [1], [emb]).numpy()[0, 0]
+
     def get_logits(self, hidden: np.ndarray) -> np.ndarray:
         """Logits [n, V] (float32) of final-norm hidden states [n, d]."""
         h = self._tensor(np.ascontiguousarray(hidden, dtype=self.dtype_np))

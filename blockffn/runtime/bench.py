@@ -1,0 +1,126 @@
+"""`blockffn bench`: decode and prefill speed of one artifact in every FFN x decoding mode, on the same weights.
+
+Modes: ``dense-AR`` / ``sparse-AR`` (plain decoding with the dense twins / the sparse functions), ``dense-spec`` /
+``sparse-spec`` (speculative decoding with the artifact's draft, speculating every round), ``sparse-auto`` (the
+runtime's never-slower policy).  Also: a memory bandwidth figure measured on the same device, and the roofline
+fraction of dense decoding (weight bytes streamed per second / that bandwidth).
+"""
+
+from __future__ import annotations
+
+import lzma
+import time
+
+import numpy as np
+
+from blockffn.errors import BlockFFNError
+
+
+def default_prompts(n: int = 8, words: int = 24) -> list[str]:
+    """Openings of held-out documents bundled with the package (never seen in training)."""
+    from blockffn import bundled_path
+
+    text = lzma.open(bundled_path("heldout.txt.xz"), "rt", encoding="utf-8").read()
+    docs = [d.strip() for d in text.split("\n\n") if len(d.split()) >= words]
+    step = max(1, len(docs) // n)
+    return [" ".join(d.split()[:words]) for d in docs[::step][:n]]
+
+
+def measure_bandwidth(device: str, nbytes: int = 1 << 28) -> float:
+    """Copy bandwidth (bytes read + written per second, best of 5) of the device's memory."""
+    if device == "cpu":
+        a = np.ones(nbytes // 4, dtype=np.float32)
+        b = np.empty_like(a)
+        best = min(_timed(lambda: np.copyto(b, a)) for _ in range(5))
+        return 2 * nbytes / best
+    import tvm
+
+    dev = tvm.cuda()
+    a = tvm.runtime.empty((nbytes // 4,), "float32", dev)
+    b = tvm.runtime.empty((nbytes // 4,), "float32", dev)
+
+    def copy():
+        a.copyto(b)
+        dev.sync()
+
+    best = min(_timed(copy) for _ in range(5))
+    return 2 * nbytes / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _run(gen, prompt_ids, params) -> dict:
+    tokens = decode_s = prefill_s = n_prompt = 0
+    accepted = []
+    for ids in prompt_ids:
+        r = gen.generate(ids, params)
+        tokens += len(r.tokens)
+        decode_s += r.decode_s
+        prefill_s += r.prefill_s
+        n_prompt += len(ids)
+        accepted += r.accepted
+    return {"decode_tok_s": tokens / decode_s, "prefill_tok_s": n_prompt / prefill_s,
+            "accept_len": float(np.mean(accepted)) if accepted else None, "tokens": tokens}
+
+
+def run_bench(artifact, device: str = "cpu", draft=None, prompts=None, max_tokens: int = 64, log=print) -> dict:
+    from blockffn.runtime.engine import Engine
+    from blockffn.runtime.generation import Generator, SpecConfig
+    from blockffn.runtime.sampling import GenerationParams
+    from blockffn.runtime.session import open_drafter, resolve_mode
+
+    prompts = prompts or default_prompts()
+    params = GenerationParams(max_tokens=max_tokens, greedy=True, stop_at_eos=False)
+    sparse = Engine(artifact, device=device, ffn="auto")
+    if not sparse.art.manifest.get("ffn", {}).get("sparse_functions"):
+        raise BlockFFNError(f"{artifact} was compiled with --ffn dense; bench compares dense and sparse decoding, "
+                            f"compile it with --ffn auto")
+    dense = Engine(artifact, device=device, ffn="dense")
+    prompt_ids = [sparse.tokenizer.encode(p).ids for p in prompts]
+    room = sparse.context_window - max_tokens - 40
+    prompt_ids = [ids[:room] for ids in prompt_ids if ids]
+    drafter = open_drafter(draft, sparse, device)
+    mode = resolve_mode("auto", drafter)
+    runs = [("dense-AR", Generator(dense)), ("sparse-AR", Generator(sparse))]
+    if drafter is not None:
+        runs += [("dense-spec", None), ("sparse-spec", None), ("sparse-auto", None)]
+    modes = {}
+    for name, gen in runs:
+        if gen is None:
+            engine = dense if name.startswith("dense") else sparse
+            gen = Generator(engine, drafter, SpecConfig(mode=mode, chain_len=4, adaptive=name.endswith("auto")))
+        _run(gen, prompt_ids[:1], GenerationParams(max_tokens=8, greedy=True, stop_at_eos=False))  # warm-up
+        modes[name] = _run(gen, prompt_ids, params)
+        m = modes[name]
+        log(f"  {name:<12} decode {m['decode_tok_s']:8.1f} tok/s   prefill {m['prefill_tok_s']:8.1f} tok/s"
+            + (f"   accepted {m['accept_len']:.2f} tokens/verify" if m["accept_len"] else ""))
+    bw = measure_bandwidth(device)
+    param_bytes = sum(rec["nbytes"] for shard in sparse.art.tensor_cache["records"] for rec in shard["records"])
+    achieved = param_bytes * modes["dense-AR"]["decode_tok_s"]
+    base = modes["dense-AR"]["decode_tok_s"]
+    return {"artifact": str(artifact), "device": device, "draft": None if drafter is None else drafter.kind,
+            "speculative_mode": mode, "prompts": len(prompt_ids), "max_tokens": max_tokens, "modes": modes,
+            "speedup_vs_dense_ar": {k: v["decode_tok_s"] / base for k, v in modes.items()},
+            "bandwidth_gbs": bw / 1e9, "param_bytes": param_bytes, "achieved_gbs": achieved / 1e9,
+            "roofline_fraction": achieved / bw}
+
+
+def plot(result: dict, path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BlockFFNError("--plot needs matplotlib (pip install matplotlib)") from None
+    names = list(result["modes"])
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(names, [result["modes"][n]["decode_tok_s"] for n in names])
+    ax.set_ylabel("decode tokens / s")
+    ax.set_title(f"{result['artifact']} on {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path)

@@ -1,0 +1,164 @@
+"""When to speculate, and how much: never slower than plain decoding.
+
+At start-up (cached per library, device and FFN mode) the runtime times a plain decode step, a verify call for
+each candidate size and the draft's cost per round.  During generation it keeps a running estimate of how many
+tokens a round yields; each round it picks the plan with the highest expected tokens per second:
+
+* plain decoding: 1 token per ``t_decode``;
+* a chain of k drafts: (1 - a^(k+1)) / (1 - a) tokens (per-token acceptance rate a) per
+  ``t_draft(k) + t_verify(k + 1)``;
+* an EAGLE-2 tree: the running mean accepted length per ``t_tree + t_verify(tree_size)``.
+
+When plain decoding wins, speculation is still probed every ``probe_every`` steps so the estimates can recover.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class CostProfile:
+    t_decode: float
+    t_verify: dict  # n tokens -> seconds
+    t_draft_step: float  # one chain draft step (a draft forward + logits)
+    t_tree: float  # one EAGLE-2 tree draft (0 without a tree-capable draft)
+
+    def verify(self, n: int) -> float:
+        sizes = sorted(self.t_verify)
+        xs = np.array(sizes, dtype=float)
+        ys = np.array([self.t_verify[s] for s in sizes])
+        return float(np.interp(n, xs, ys, right=ys[-1] + (n - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])))
+
+
+def _best_time(fn, repeat: int = 7) -> float:
+    """Fastest of ``repeat`` runs after a warm-up: the cost without interference from other processes."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.min(times))
+
+
+def measure_profile(engine, drafter, verify_sizes=(2, 4, 8, 16, 32), tree=(10, 3, 31), seq_id: int = 7) -> CostProfile:
+    """Times the library calls on a scratch sequence (and the draft's own scratch state)."""
+    cfg = engine.cfg
+    rng = np.random.default_rng(0)
+    prompt = [int(t) for t in rng.integers(0, cfg.vocab_size, 16)]
+    engine.add_sequence(seq_id)
+    try:
+        engine.prefill(seq_id, prompt)
+
+        def decode():
+            engine.decode(seq_id, 1)
+            engine.popn(seq_id, 1)
+
+        t_decode = _best_time(decode)
+        t_verify = {}
+        for n in verify_sizes:
+            toks = [int(t) for t in rng.integers(0, cfg.vocab_size, n)]
+
+            def verify(toks=toks):
+                engine.batch_verify(seq_id, toks, list(range(-1, len(toks) - 1)))
+                engine.commit_tree(seq_id, -1)
+
+            t_verify[n] = _best_time(verify, repeat=3)
+    finally:
+        engine.remove_sequence(seq_id)
+    t_step = t_tree = 0.0
+    if drafter is not None:
+        hidden = None
+        if drafter.kind == "eagle":
+            engine.add_sequence(seq_id)
+            try:
+                hidden = engine.prefill_hidden(seq_id, prompt)
+            finally:
+                engine.remove_sequence(seq_id)
+        drafter.begin(prompt, 1, hidden)
+        t_step = _best_time(lambda: drafter.chain(2, 0.0, 1.0, None), repeat=3) / 2
+        if drafter.kind == "eagle":
+            t_tree = _best_time(lambda: drafter.tree(*tree), repeat=3)
+    return CostProfile(t_decode, t_verify, t_step, t_tree)
+
+
+def cached_profile(engine, drafter, ffn: str) -> CostProfile:
+    """`measure_profile`, cached on disk per library file, draft library, device and FFN mode."""
+    key_src = [str(engine.art.library.resolve()), str(engine.art.library.stat().st_mtime), engine.device, ffn,
+               "" if drafter is None else f"{drafter.kind}:{getattr(drafter, 'folder', '')}"]
+    key = hashlib.sha256("|".join(key_src).encode()).hexdigest()[:16]
+    from blockffn import cache_dir
+
+    path = cache_dir() / f"spec-profile-{key}.json"
+    if path.exists():
+        try:
+            d = json.loads(path.read_text())
+            return CostProfile(d["t_decode"], {int(k): v for k, v in d["t_verify"].items()}, d["t_draft_step"],
+                               d["t_tree"])
+        except (ValueError, KeyError):
+            pass  # stale or corrupt: measure again
+    prof = measure_profile(engine, drafter)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(prof.__dict__))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home only costs a re-measurement
+    return prof
+
+
+@dataclass
+class SpecPolicy:
+    """Chooses each round's plan from a cost profile and the running acceptance."""
+
+    profile: CostProfile
+    mode: str  # chain | tree
+    max_chain: int = 8
+    tree_size: int = 32
+    prior_accept: float = 0.6  # per-token acceptance rate before anything is observed
+    probe_every: int = 16
+    alpha: float = field(default=0.0, init=False)
+    tree_len: float = field(default=0.0, init=False)
+    _plain_streak: int = field(default=0, init=False)
+    _rounds: int = field(default=0, init=False)
+
+    def __post_init__(self):
+        self.alpha = self.prior_accept
+        self.tree_len = 1 + 2 * self.prior_accept
+
+    def chain_rate(self, k: int) -> float:
+        a = min(self.alpha, 0.999)
+        tokens = (1 - a ** (k + 1)) / (1 - a)
+        return tokens / (k * self.profile.t_draft_step + self.profile.verify(k + 1))
+
+    def plan(self) -> int:
+        """Drafted tokens for the next round: k > 0 chain length (tree mode: the tree size), 0 = plain step."""
+        plain = 1.0 / self.profile.t_decode
+        if self.mode == "tree":
+            best, rate = self.tree_size - 1, self.tree_len / (self.profile.t_tree + self.profile.verify(self.tree_size))
+        else:
+            best = max(range(1, self.max_chain + 1), key=self.chain_rate)
+            rate = self.chain_rate(best)
+        if rate > plain or self._plain_streak >= self.probe_every:
+            self._plain_streak = 0
+            return best
+        self._plain_streak += 1
+        return 0
+
+    def observe(self, drafted: int, accepted_tokens: int) -> None:
+        """After a round: ``accepted_tokens`` = drafts accepted (the bonus token not counted)."""
+        self._rounds += 1
+        w = 0.3
+        if self.mode == "tree":
+            self.tree_len = (1 - w) * self.tree_len + w * (accepted_tokens + 1)
+        elif drafted:
+            # per-token acceptance of a chain: accepted / (accepted + 1 rejection), or all accepted
+            a = accepted_tokens / drafted if accepted_tokens == drafted else accepted_tokens / (accepted_tokens + 1)
+            self.alpha = (1 - w) * self.alpha + w * a
