@@ -73,6 +73,9 @@ class ChatSession:
         except BlockFFNError as e:
             self._write(f"error: {e}\n")
             return
+        except KeyboardInterrupt:  # Ctrl-C before the handler took over
+            self._write("\n[stopped]\n")
+            return
         finally:
             signal.signal(signal.SIGINT, previous)
         self._write("\n" + ("[stopped]\n" if r.stop_reason == "interrupted" else ""))
