@@ -155,6 +155,36 @@ def test_tree_verify_logits_equal_sequential_decoding(target, bundled_draft, tok
         torch.testing.assert_close(v.logits[0, 1 + i], seq.logits[0, -1], rtol=1e-4, atol=1e-4)
 
 
+@torch.no_grad()
+def test_draft_tree_expansion_equals_sequential_drafting(target, bundled_draft, tokenizer, prompts):
+    """Growing the tree with one masked draft call per level gives the tree that drafting each frontier node's
+    path one token at a time gives (draft tree mask, slot positions and hidden hand-over)."""
+    ids = tokenizer.encode(prompts[1]).ids
+    drafter = Drafter(bundled_draft, SamplingParams(greedy=True), np.random.default_rng(0))
+    drafter.read(ids[1:], target(torch.tensor([ids[:-1]])).hidden[0])
+    spec = SpecParams(depth=3, topk=4, tree_size=12)
+    tree = drafter.tree(spec)
+    builder = DynamicTree(spec.topk, spec.depth, spec.tree_size - 1)
+    builder.start(torch.log_softmax(drafter.logits, -1).numpy())
+    while not builder.done:
+        rows = []
+        for c in builder.frontier:
+            path, node = [], int(c)
+            while node >= 0:
+                path.insert(0, builder.tokens[node])
+                node = builder.parents[node]
+            cache, h = KVCache(list(drafter.cache.keys), list(drafter.cache.values)), drafter.h
+            for tok in path:
+                out = bundled_draft(torch.tensor([[tok]]), h[None, None], cache=cache)
+                h = out.hidden[0, -1]
+            rows.append(torch.log_softmax(out.logits[0, -1], -1).numpy())
+        builder.frontier_inputs()  # keeps the builder's slot bookkeeping in step
+        builder.expand(np.stack(rows))
+    ref = builder.finish()
+    assert tree.tokens.tolist() == ref.tokens.tolist() and tree.parents.tolist() == ref.parents.tolist()
+    assert tree.depths.max() == 3
+
+
 # ---------------------------------------------------------------------------------------------------------- greedy
 @pytest.mark.parametrize("which", ["bundled", "random", "random-reduced-vocab"])
 def test_greedy_speculative_equals_plain_greedy(target, bundled_draft, tokenizer, prompts, which):
