@@ -354,3 +354,12 @@ def test_generate_with_bundled_draft_matches_plain_greedy(target, tokenizer):
     out = json.loads(spec.stdout)
     plain = generate(target, tokenizer.encode("The whale").ids, SamplingParams(max_tokens=16, greedy=True))
     assert out["tokens"] == plain["tokens"] and out["mean_accepted"] >= 1.0
+
+
+def test_train_draft_on_a_folder_without_model_fails_with_one_line(tmp_path):
+    (tmp_path / "t.txt").write_text("some text\n\nmore text\n")
+    r = _cli("train-draft", "--target-model", tmp_path, "--text", tmp_path / "t.txt", "--output", tmp_path / "out",
+             "--steps", 1)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "config.json" in lines[0]
+    assert not (tmp_path / "out").exists()
