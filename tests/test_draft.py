@@ -202,6 +202,17 @@ def test_greedy_speculative_equals_plain_greedy(target, bundled_draft, tokenizer
         assert r["mean_accepted"] > 1.5  # a trained draft gets more than the bonus token through
 
 
+@torch.no_grad()
+def test_greedy_speculative_equals_plain_greedy_with_gqa_target():
+    target = BlockFFNForCausalLM(small_config("gqa")).init_weights(seed=2).eval()
+    draft = random_draft(target, draft_vocab_size=300, seed=1)
+    ids = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(0)).tolist()
+    params = SamplingParams(max_tokens=16, greedy=True, stop_at_eos=False)
+    ref = generate(target, ids, params)["tokens"]
+    for spec in (SpecParams(mode="chain", chain_len=3), SpecParams(mode="tree", depth=3, topk=4, tree_size=12)):
+        assert speculative_generate(target, draft, ids, params, spec)["tokens"] == ref, spec.mode
+
+
 def test_accept_greedy_takes_longest_matching_path():
     tree = DraftTree(np.array([3, 4, 1, 2]), np.array([-1, -1, 1, 2]), np.array([1, 1, 2, 3]))
     logits = np.zeros((5, 6))
