@@ -155,6 +155,36 @@ def test_tree_verify_logits_equal_sequential_decoding(target, bundled_draft, tok
         torch.testing.assert_close(v.logits[0, 1 + i], seq.logits[0, -1], rtol=1e-4, atol=1e-4)
 
 
+@torch.no_grad()
+def test_draft_tree_expansion_equals_sequential_drafting(target, bundled_draft, tokenizer, prompts):
+    """Growing the tree with one masked draft call per level gives the tree that drafting each frontier node's
+    path one token at a time gives (draft tree mask, slot positions and hidden hand-over)."""
+    ids = tokenizer.encode(prompts[1]).ids
+    drafter = Drafter(bundled_draft, SamplingParams(greedy=True), np.random.default_rng(0))
+    drafter.read(ids[1:], target(torch.tensor([ids[:-1]])).hidden[0])
+    spec = SpecParams(depth=3, topk=4, tree_size=12)
+    tree = drafter.tree(spec)
+    builder = DynamicTree(spec.topk, spec.depth, spec.tree_size - 1)
+    builder.start(torch.log_softmax(drafter.logits, -1).numpy())
+    while not builder.done:
+        rows = []
+        for c in builder.frontier:
+            path, node = [], int(c)
+            while node >= 0:
+                path.insert(0, builder.tokens[node])
+                node = builder.parents[node]
+            cache, h = KVCache(list(drafter.cache.keys), list(drafter.cache.values)), drafter.h
+            for tok in path:
+                out = bundled_draft(torch.tensor([[tok]]), h[None, None], cache=cache)
+                h = out.hidden[0, -1]
+            rows.append(torch.log_softmax(out.logits[0, -1], -1).numpy())
+        builder.frontier_inputs()  # keeps the builder's slot bookkeeping in step
+        builder.expand(np.stack(rows))
+    ref = builder.finish()
+    assert tree.tokens.tolist() == ref.tokens.tolist() and tree.parents.tolist() == ref.parents.tolist()
+    assert tree.depths.max() == 3
+
+
 # ---------------------------------------------------------------------------------------------------------- greedy
 @pytest.mark.parametrize("which", ["bundled", "random", "random-reduced-vocab"])
 def test_greedy_speculative_equals_plain_greedy(target, bundled_draft, tokenizer, prompts, which):
@@ -170,6 +200,17 @@ def test_greedy_speculative_equals_plain_greedy(target, bundled_draft, tokenizer
             assert sum(r["accepted"]) + 1 >= len(ref)
     if which == "bundled":
         assert r["mean_accepted"] > 1.5  # a trained draft gets more than the bonus token through
+
+
+@torch.no_grad()
+def test_greedy_speculative_equals_plain_greedy_with_gqa_target():
+    target = BlockFFNForCausalLM(small_config("gqa")).init_weights(seed=2).eval()
+    draft = random_draft(target, draft_vocab_size=300, seed=1)
+    ids = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(0)).tolist()
+    params = SamplingParams(max_tokens=16, greedy=True, stop_at_eos=False)
+    ref = generate(target, ids, params)["tokens"]
+    for spec in (SpecParams(mode="chain", chain_len=3), SpecParams(mode="tree", depth=3, topk=4, tree_size=12)):
+        assert speculative_generate(target, draft, ids, params, spec)["tokens"] == ref, spec.mode
 
 
 def test_accept_greedy_takes_longest_matching_path():
@@ -324,3 +365,12 @@ def test_generate_with_bundled_draft_matches_plain_greedy(target, tokenizer):
     out = json.loads(spec.stdout)
     plain = generate(target, tokenizer.encode("The whale").ids, SamplingParams(max_tokens=16, greedy=True))
     assert out["tokens"] == plain["tokens"] and out["mean_accepted"] >= 1.0
+
+
+def test_train_draft_on_a_folder_without_model_fails_with_one_line(tmp_path):
+    (tmp_path / "t.txt").write_text("some text\n\nmore text\n")
+    r = _cli("train-draft", "--target-model", tmp_path, "--text", tmp_path / "t.txt", "--output", tmp_path / "out",
+             "--steps", 1)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "config.json" in lines[0]
+    assert not (tmp_path / "out").exists()

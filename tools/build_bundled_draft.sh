@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rebuilds the bundled EAGLE draft head (blockffn/bundled/blockffn-tiny/draft) for the bundled model.
-# Not run by tests or CI: it trains for 19 minutes on one thread.  Usage: tools/build_bundled_draft.sh [CORPUS_DIR] [WORK_DIR]
+# Not run by tests or CI: it trains for 19 minutes on one thread.
+# Usage: tools/build_bundled_draft.sh [CORPUS_DIR] [WORK_DIR]
 #
 # The draft reads the same corpus files as the bundled model, tokenized with the bundled model's own tokenizer;
 # --holdout-fraction 0.02 leaves out the documents `blockffn data prepare --val-fraction 0.02` held out for the

@@ -229,7 +229,7 @@ class EagleDraftHead(nn.Module):
     def init_weights(self, seed: int | None = None, std: float = 0.02) -> "EagleDraftHead":
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("norm1.weight") or name.endswith("norm2.weight"):
+            if "norm" in name:  # input_norm1/2, post_attention_layernorm, the MLA latent norms
                 p.fill_(1.0)
             elif name == "fc.bias":
                 p.zero_()

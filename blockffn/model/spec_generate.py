@@ -21,7 +21,7 @@ from blockffn.model.draft import EagleDraftHead
 from blockffn.model.generate import SamplingParams
 from blockffn.model.modeling import BlockFFNForCausalLM, KVCache
 from blockffn.model.speculative import (DraftTree, DynamicTree, accept_greedy, accept_sampling, chain_tree,
-                                        sample_index, sampling_probs, verify_layout)
+                                        kept_rows, sample_index, sampling_probs, verify_layout)
 
 
 @dataclass
@@ -155,7 +155,7 @@ def speculative_generate(target: BlockFFNForCausalLM, draft: EagleDraftHead, pro
         else:
             path, bonus = accept_sampling(tree, sampling_probs(vlogits, params.temperature, params.top_p),
                                           draft_probs, rng)
-        rows = np.concatenate([[0], 1 + path]).astype(np.int64)
+        rows = kept_rows(path)
         keep_cache_rows(cache, past, rows)
         new = [int(t) for t in tree.tokens[path]] + [bonus]
         accepted.append(len(new))

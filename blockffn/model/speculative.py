@@ -126,7 +126,8 @@ class DynamicTree:
     def frontier_inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """What the draft needs to expand the frontier: target token ids [k], depths [k], the hidden each one reads
         (draft slot of its parent, -1 = the draft output after the root) [k], and the mask over the tree slots
-        bool [k, slots_before + k] (ancestors' slots and its own; the committed prefix is visible to all)."""
+        bool [k, slots_before + k] (ancestors' slots and its own; the committed prefix is visible to all).
+        A node of depth d at target position root_position + d is drafted at RoPE position root_position - 1 + d."""
         before = len(self.slot_of)
         k = len(self.frontier)
         mask = np.zeros((k, before + k), dtype=bool)
@@ -171,6 +172,13 @@ def accept_greedy(tree: DraftTree, target_logits: np.ndarray) -> tuple[np.ndarra
             return np.asarray(path, dtype=np.int64), int(gt[row])
         node = int(match[0])
         path.append(node)
+
+
+def kept_rows(path: np.ndarray) -> np.ndarray:
+    """Verify-call rows to keep after acceptance: the root and the accepted nodes, in order.  The target's KV cache
+    keeps these rows (compacted behind the prefix) and their final-norm hidden states are what the draft reads
+    next, paired with the tokens that follow them: (h_root, node_1), ..., (h_node_m, bonus)."""
+    return np.concatenate([[0], 1 + np.asarray(path, dtype=np.int64)]).astype(np.int64)
 
 
 def sample_index(p: np.ndarray, rng: np.random.Generator) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +50,6 @@ class DraftTrainConfig:
     overwrite: bool = False
     seed: int = 0
     threads: int | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def tokenize_texts(paths: list[str], tok, eos_id: int, holdout_fraction: float) -> tuple[PackedSplit, PackedSplit]:
