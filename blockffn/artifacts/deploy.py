@@ -15,6 +15,13 @@ def deploy_text(preset, manifest: dict) -> str:
         body = (f"On this kind of machine: `blockffn generate --artifact . --device {preset.device} --prompt TEXT` or, "
                 f"in Python, `blockffn.runtime.engine.Engine(folder, device=\"{preset.device}\")`.\n"
                 f"For the MLC engine: `model` = this folder, `model_lib` = `{lib}`.\n")
+    elif preset.device == "cpu":  # cross-compiled CPU library (cpu-aarch64)
+        body = (f"Copy the folder to a 64-bit Arm Linux machine (glibc >= 2.28) and install the aarch64 apache-tvm "
+                f"and apache-tvm-ffi wheels of the versions above (PyPI has manylinux_2_28_aarch64 wheels). No "
+                f"PyTorch or blockffn is needed there: `TVM_USE_RUNTIME_LIB=1 python standalone.py . --tokens 1,2,3 "
+                f"--steps 8 --out r.npz` (`blockffn/runtime/standalone.py`) runs greedy prefill + decode; with "
+                f"blockffn installed, `blockffn generate --artifact . --prompt TEXT`. The tests run it the same way "
+                f"under qemu-aarch64 (tools/build_qemu_sysroot.sh).\n")
     elif preset.name == "jetson":
         body = ("Copy the folder to the Jetson (JetPack 6, aarch64). The CUDA kernels are an sm_87 fatbin compiled at "
                 "build time, so no nvcc is needed on the device. Build or install the TVM runtime for aarch64 with CUDA "
