@@ -7,8 +7,6 @@ kernel by kernel on the device and matches numpy.  Skipped, with the reason, wit
 
 import numpy as np
 import pytest
-import tvm
-from tvm.relax.frontend import nn  # noqa: F401  (registers the nn export machinery)
 
 from blockffn import default_model_path
 from blockffn.artifacts.layout import storage_dtype
