@@ -150,15 +150,14 @@ class PoCLInterpreter:
         if name not in self._lowered:
             self._lowered[name] = _LoweredPrimFunc(name, self.mod[name], self.target)
         lowered = self._lowered[name]
-        buffers, scalars = {}, {}
+        device, scalars = {}, {}  # kernel parameter name -> cl.Buffer / shape variable value
         for param, array in zip(lowered.params, inputs + outputs):
-            buffers[f"{param.name}_ptr"] = (param.name, array)
+            # TVM's OpenCL codegen names the pointer of buffer `b` `b_ptr`
+            device[f"{param.name}_ptr"] = cl.Buffer(self.ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR,
+                                                    hostbuf=np.ascontiguousarray(array)) if array.size else None
             for dim, n in zip(param.ty.shape, array.shape):
                 if isinstance(dim, tirx.Var):
                     scalars[dim.name] = int(n)
-        device = {key: cl.Buffer(self.ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR,
-                                 hostbuf=np.ascontiguousarray(a)) if a.size else None
-                  for key, (_, a) in buffers.items()}
         workspaces = {}  # global scratch buffers the host allocates for the kernels of this PrimFunc
         for kernel_name, func, program in lowered.kernels:
             analyzer = tvm.sym.Analyzer()

@@ -135,3 +135,17 @@ def test_jetson_tar_output_gives_objects_to_link_on_the_device(tmp_path):
                        check=True)
         head = so.read_bytes()[:20]
         assert struct.unpack_from("<HH", head, 16) == (3, 183)  # ET_DYN, EM_AARCH64
+
+
+def test_metal_tar_output_is_the_system_library_alone(tmp_path):
+    lib = tmp_path / "metal.tar"
+    compile_model(CompileOptions(model_dir=default_model_path(), target="metal", quantization="q0f16", output=lib,
+                                 context_window=256, prefill_chunk=64), log=lambda *_: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metal.tar", "metal.tar.DEPLOY.md"]
+    with tarfile.open(lib) as tar:
+        blob = b"".join(tar.extractfile(m).read() for m in tar.getmembers() if m.isfile())
+    prefix = system_lib_prefix("blockffn-tiny", "q0f16")
+    assert f"{prefix}__tvm_ffi__library_bin".encode() in blob and b"kernel void" in blob
+    assert bytes.fromhex("cffaedfe") in blob  # Mach-O 64-bit objects
+    note = (tmp_path / "metal.tar.DEPLOY.md").read_text()
+    assert "model library alone" in note and f"system://{prefix.rstrip('_')}" in note

@@ -2,9 +2,7 @@
 tools/build_qemu_sysroot.sh) and gives the x86 build's logits and greedy tokens for the same weights."""
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,23 +14,14 @@ from blockffn.artifacts.verify import verify_artifact
 from blockffn.compiler.compile import CompileOptions, compile_model
 from blockffn.data.prepare import load_tokenizer
 from blockffn.runtime.engine import Engine
+from blockffn.targets import qemu
 
-ROOT = Path(__file__).resolve().parents[1]
-SYSROOT = Path(os.environ.get("BLOCKFFN_QEMU_AARCH64", ROOT / ".cache" / "qemu-aarch64"))
 PROMPT_TEXT = ("The President said that the new law would be signed next week, after the committee had "
                "finished its work on the budget")
 DECODE_STEPS = 4
 
 pytestmark = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None,
                                 reason="needs aarch64-linux-gnu-g++ (Debian g++-aarch64-linux-gnu) to link the .so")
-
-
-def _qemu_missing() -> str | None:
-    if shutil.which("qemu-aarch64") is None:
-        return "qemu-aarch64 not installed (Debian: apt-get install qemu-user)"
-    if not (SYSROOT / "READY").exists():
-        return f"no arm64 Python sysroot at {SYSROOT} (run tools/build_qemu_sysroot.sh)"
-    return None
 
 
 def _compile(out: Path, target: str) -> Path:
@@ -74,7 +63,7 @@ def _rel(a, b) -> float:
 
 
 def test_aarch64_build_under_qemu_matches_x86_logits(artifacts, tmp_path):
-    reason = _qemu_missing()
+    reason = qemu.unavailable_reason()
     if reason:
         pytest.skip(reason)
     x86, arm = artifacts
@@ -83,11 +72,8 @@ def test_aarch64_build_under_qemu_matches_x86_logits(artifacts, tmp_path):
     prompt = load_tokenizer(x86).encode(PROMPT_TEXT).ids
     assert len(prompt) > 16  # two prefill chunks
     out = tmp_path / "qemu.npz"
-    python = SYSROOT / "sysroot" / "usr" / "bin" / "python3.11"
-    r = subprocess.run(["qemu-aarch64", "-L", str(SYSROOT / "sysroot"), str(python), standalone.__file__, str(arm),
-                        "--tokens", ",".join(map(str, prompt)), "--steps", str(DECODE_STEPS), "--out", str(out)],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(SYSROOT / "site"),
-                                                            "OMP_NUM_THREADS": "1"}, timeout=600)
+    r = qemu.run_python(standalone.__file__, [str(arm), "--tokens", ",".join(map(str, prompt)), "--steps",
+                                              str(DECODE_STEPS), "--out", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     timings = json.loads(r.stdout.strip().splitlines()[-1])
     assert timings["machine"] == "aarch64"
