@@ -461,7 +461,8 @@ def _compile_options(f):
         click.option("--dtype", "quantization", type=click.Choice(["q0f32", "q0f16", "q0bf16"]), default="q0f32",
                      show_default=True, help="Weight storage / compute dtype."),
         click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
-                     help="Artifact folder (default: dist/<model>-<dtype>-<target>)."),
+                     help="Artifact folder (default: dist/<model>-<dtype>-<target>), or a library file NAME.so|.tar|.dylib "
+                          "for the model library alone (.tar: objects to link on the device)."),
         click.option("--context-window", type=int, default=None, help="Max tokens per sequence."),
         click.option("--prefill-chunk", type=int, default=None, help="Max tokens per prefill call."),
         click.option("--max-batch-size", type=int, default=8, show_default=True),
@@ -494,6 +495,9 @@ def _run_compile(model_dir, target, quantization, output, context_window, prefil
                           context_window=context_window, prefill_chunk=prefill_chunk, max_batch_size=max_batch_size,
                           overwrite=overwrite, ffn=ffn, arch=arch, draft=draft)
     r = compile_model(opts, log=click.echo)
+    if "deploy" in r:  # library-only output
+        click.echo(f"wrote {r['output']} (model library only; how to link and load it: {r['deploy']})")
+        return
     mb = 1 / 2**20
     click.echo("memory:")
     click.echo(f"  params          {r['param_bytes'] * mb:9.2f} MiB")

@@ -117,7 +117,8 @@ def test_unknown_target_lists_valid_ones_and_writes_nothing(tmp_path):
 
 def test_list_targets():
     out = run("--list-targets", entry="blockffn-compile").stdout
-    for name in ("cpu", "cuda", "jetson", "android", "android-adreno", "android-mali", "metal", "iphone"):
+    for name in ("cpu", "cpu-aarch64", "cuda", "jetson", "android", "android-adreno", "android-mali", "metal",
+                 "iphone"):
         assert name in out
     assert "aarch64-linux-gnu" in out and "sm_87" in out
 

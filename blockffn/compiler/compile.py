@@ -42,8 +42,6 @@ AUTO_SPARSE = ("decode", "batch_decode", "batch_verify", "decode_to_last_hidden_
                "batch_verify_to_last_hidden_states")
 
 
-
-
 def sparse_functions(policy: str) -> list[str]:
     if policy == "dense":
         return []
@@ -112,17 +110,108 @@ def kv_cache_bytes(cfg, context_window: int, dtype: str) -> int:
     return 2 * cfg.num_hidden_layers * layout_["num_key_value_heads"] * layout_["head_dim"] * context_window * elem
 
 
-def compile_model(opts: CompileOptions, log=print) -> dict:
+@dataclass
+class BuiltLibrary:
+    """A compiled model library before it is written anywhere (``executable.export_library`` writes it)."""
+
+    executable: object  # tvm.relax.VMExecutable
+    functions: list[str]  # exported Relax functions
+    named_params: list  # [(name, nn.Parameter)] in the library's parameter order
+    metadata: dict  # the `_metadata` JSON (memory usage filled in by the pipeline)
+    pass_names: list[str]
+
+
+def build_library(opts: CompileOptions, cfg, preset, target, dtype: str, context: int, prefill_chunk: int,
+                  prefix: str | None, timer: "PhaseTimer") -> BuiltLibrary:
+    """Relax model -> blockffn pipeline (sparse lowering, schedules, metadata) -> VM executable for ``target``."""
     import tvm
     import tvm_ffi
 
     from blockffn.compiler import library_funcs
+    from blockffn.compiler.relax_model import cache_layout, export_model
+
+    if target.kind.name == "cuda":
+        from blockffn.targets.cuda_build import configure_cuda_build
+
+        configure_cuda_build(str(target.arch).removeprefix("sm_"))
+    with timer("export"):
+        mod, named_params, _ = export_model(cfg, dtype, target)
+        mod = library_funcs.add_logit_processors(mod, target)
+        mod = library_funcs.add_softmax_with_temperature(mod)
+        mod = library_funcs.add_alloc_embedding_tensor(mod, prefill_chunk, cfg.hidden_size, dtype)
+    params_meta = [{"name": n, "shape": [int(s) for s in p.shape], "dtype": dtype, "preprocs": [],
+                    "pipeline_stages": [0]} for n, p in named_params]
+    kv_layout = cache_layout(cfg)
+    metadata = {
+        "model_type": "blockffn", "quantization": opts.quantization, "context_window_size": context,
+        "prefill_chunk_size": prefill_chunk, "max_batch_size": opts.max_batch_size,
+        "tensor_parallel_shards": 1, "pipeline_parallel_stages": 1, "sliding_window_size": -1,
+        "attention_sink_size": -1, "kv_state_kind": "kv_cache",
+        "kv_cache": {"num_hidden_layers": cfg.num_hidden_layers,
+                     "num_attention_heads": cfg.num_attention_heads,
+                     "num_key_value_heads": kv_layout["num_key_value_heads"], "head_dim": kv_layout["head_dim"]},
+        "params": params_meta, "tvm_version": tvm.__version__, "tvm_ffi_version": tvm_ffi.__version__,
+        "blockffn_version": __version__, "target": preset.name,
+    }
+    bounds = {"seq_len": prefill_chunk, "batch_size": opts.max_batch_size, "total_seq_len": context}
+    sparse_fns = sparse_functions(opts.ffn)
+    graph_passes = []
+    if sparse_fns:
+        from blockffn.relax_passes.add_dense_twins import AddDenseTwins
+        from blockffn.relax_passes.lower_sparse_ffn import LowerBlockFFNSparse
+
+        # dense twins (`decode_dense`, ...) let the runtime and `blockffn bench` run both FFN lowerings of the
+        # same weights from one library
+        graph_passes += [AddDenseTwins(sparse_fns), LowerBlockFFNSparse(sparse_fns, family=preset.kernel_family)]
+    metadata["ffn"] = {"policy": opts.ffn, "sparse_functions": sparse_fns,
+                       "dense_twins": {f: f + DENSE_TWIN_SUFFIX for f in sparse_fns}}
+    executable, functions, pass_names = lower_and_build(mod, metadata, bounds, preset, target, prefix, timer,
+                                                        graph_passes)
+    return BuiltLibrary(executable, functions, named_params, metadata, pass_names)
+
+
+def lower_and_build(mod, metadata: dict, bounds: dict, preset, target, prefix: str | None, timer,
+                    graph_passes=(), phase: str = ""):
+    """Our pipeline (graph passes, schedules, memory plan, `_metadata`) then relax.build; shared by the model
+    and its draft head.  Returns (executable, exported Relax functions, pass names)."""
+    import tvm
+    from tvm import relax
+
     from blockffn.compiler.pipeline import build_pipeline
-    from blockffn.compiler.relax_model import DOWN_PROJ_TRANSPOSED, export_model, to_library_layout
+    from blockffn.schedules.dlight_rules import metal_simdgroup_disabled, schedule_passes
+
+    pipeline, pass_names = build_pipeline(target, metadata, bounds, graph_passes=list(graph_passes),
+                                          schedule_passes=schedule_passes(target))
+    if prefix is not None:
+        mod = mod.with_attr("system_lib_prefix", prefix)
+    with timer(phase + "passes"):
+        with target, metal_simdgroup_disabled(target):
+            lowered = pipeline(mod)
+    functions = sorted(gv.name_hint for gv, f in lowered.functions.items()
+                       if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs)
+    with timer(phase + "build"):
+        executable = relax.build(lowered, target, relax_pipeline=tvm.transform.Sequential([]),
+                                 system_lib=preset.system_lib)
+    return executable, functions, pass_names
+
+
+def compile_model(opts: CompileOptions, log=print) -> dict:
+    """Compile into an artifact folder, or, when ``opts.output`` names a library file (``.so``/``.tar``/
+    ``.dylib``), into that library alone (MLC's ``model_lib``) with a DEPLOY note beside it."""
+    import tvm
+    import tvm_ffi
+
+    from blockffn.compiler.library_output import check_library_output, library_exporter, write_library
+    from blockffn.compiler.relax_model import DOWN_PROJ_TRANSPOSED, to_library_layout
 
     preset = get_target(opts.target)
     dtype = layout.storage_dtype(opts.quantization)
     model_dir = Path(opts.model_dir)
+    name = _safe_name(model_dir.resolve().name)
+    output = Path(opts.output) if opts.output else Path("dist") / f"{name}-{opts.quantization}-{preset.name}"
+    suffix = check_library_output(preset, output)  # None: artifact folder
+    lib_suffix = suffix or preset.lib_suffix
+    fcompile = library_exporter(preset, lib_suffix)  # fails now, before compiling, if a toolchain is missing
     model = load_model(model_dir, dtype="float32")
     cfg = model.config
     context = opts.context_window or cfg.max_position_embeddings
@@ -134,91 +223,57 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
         raise BlockFFNError(f"--prefill-chunk must be in 1..{context}, got {prefill_chunk}")
     if opts.max_batch_size <= 0:
         raise BlockFFNError("--max-batch-size must be positive")
-    name = _safe_name(model_dir.resolve().name)
-    output = Path(opts.output) if opts.output else Path("dist") / f"{name}-{opts.quantization}-{preset.name}"
-    if output.suffix in (".so", ".tar", ".dylib"):
-        raise BlockFFNError(f"--output {output}: target {preset.name} writes an artifact folder; give a folder path")
-    lib_name = f"{name}-{opts.quantization}-{preset.name}{preset.lib_suffix}"
-    fcompile = None
-    if preset.cross_cxx:
-        import shutil as _shutil
-
-        if _shutil.which(preset.cross_cxx) is None:
-            raise BlockFFNError(f"target {preset.name} links with {preset.cross_cxx}, which is not installed "
-                                f"(Debian: apt-get install {preset.cross_package})")
-        from tvm.support import cc
-
-        fcompile = cc.cross_compiler(preset.cross_cxx)
+    lib_name = output.name if suffix else f"{name}-{opts.quantization}-{preset.name}{lib_suffix}"
     prefix = system_lib_prefix(name, opts.quantization) if preset.system_lib else None
     target = preset.tvm_target(opts.arch)
-    if target.kind.name == "cuda":
-        from blockffn.targets.cuda_build import configure_cuda_build
-
-        configure_cuda_build(str(target.arch).removeprefix("sm_"))
     timer = PhaseTimer(log)
     log(f"compiling {model_dir} for {preset.name} ({opts.quantization}) -> {output}")
 
-    with atomic_output_dir(output, overwrite=opts.overwrite) as tmp:
-        with timer("export"):
-            mod, named_params, _ = export_model(cfg, dtype, target)
-            mod = library_funcs.add_logit_processors(mod, target)
-            mod = library_funcs.add_softmax_with_temperature(mod)
-            mod = library_funcs.add_alloc_embedding_tensor(mod, prefill_chunk, cfg.hidden_size, dtype)
-        params_meta = [{"name": n, "shape": [int(s) for s in p.shape], "dtype": dtype, "preprocs": [],
-                        "pipeline_stages": [0]} for n, p in named_params]
-        from blockffn.compiler.relax_model import cache_layout
+    def manifest_for(functions, pass_names, metadata, params_meta, draft=None) -> dict:
+        import torch
 
-        kv_layout = cache_layout(cfg)
-        metadata = {
-            "model_type": "blockffn", "quantization": opts.quantization, "context_window_size": context,
-            "prefill_chunk_size": prefill_chunk, "max_batch_size": opts.max_batch_size,
-            "tensor_parallel_shards": 1, "pipeline_parallel_stages": 1, "sliding_window_size": -1,
-            "attention_sink_size": -1, "kv_state_kind": "kv_cache",
-            "kv_cache": {"num_hidden_layers": cfg.num_hidden_layers,
-                         "num_attention_heads": cfg.num_attention_heads,
-                         "num_key_value_heads": kv_layout["num_key_value_heads"], "head_dim": kv_layout["head_dim"]},
-            "params": params_meta, "tvm_version": tvm.__version__, "tvm_ffi_version": tvm_ffi.__version__,
-            "blockffn_version": __version__, "target": preset.name,
+        return {
+            "format": "blockffn-artifact/1",
+            "blockffn_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"path": str(model_dir.resolve()), "sha256": checkpoint_sha256(model_dir)},
+            "target": {"name": preset.name, "tvm_target": preset.target_json(opts.arch),
+                       "host_triple": preset.host_triple,
+                       "device": preset.device},
+            "quantization": opts.quantization, "dtype": dtype,
+            "weight_layout": {"names": "official HF names", "transforms": [DOWN_PROJ_TRANSPOSED]},
+            "library": lib_name,
+            "system_lib_prefix": prefix,
+            "passes": pass_names,
+            "ffn": metadata["ffn"],
+            "functions": functions,
+            "draft": draft,
+            "versions": {"tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__, "torch": torch.__version__,
+                         "blockffn": __version__},
+            "context_window_size": context, "prefill_chunk_size": prefill_chunk,
+            "max_batch_size": opts.max_batch_size,
+            "params": [{k: p[k] for k in ("name", "shape", "dtype")} for p in params_meta],
+            "memory_usage": metadata["memory_usage"],
+            "compile_seconds": timer.times,
         }
-        bounds = {"seq_len": prefill_chunk, "batch_size": opts.max_batch_size, "total_seq_len": context}
-        sparse_fns = sparse_functions(opts.ffn)
-        graph_passes = []
-        if sparse_fns:
-            from blockffn.relax_passes.add_dense_twins import AddDenseTwins
-            from blockffn.relax_passes.lower_sparse_ffn import LowerBlockFFNSparse
 
-            # dense twins (`decode_dense`, ...) let the runtime and `blockffn bench` run both FFN lowerings
-            # of the same weights from one library
-            graph_passes += [AddDenseTwins(sparse_fns), LowerBlockFFNSparse(sparse_fns, family=preset.kernel_family)]
-        metadata["ffn"] = {"policy": opts.ffn, "sparse_functions": sparse_fns,
-                           "dense_twins": {f: f + DENSE_TWIN_SUFFIX for f in sparse_fns}}
-        def build_library(module, meta, out_dir: Path, file_name: str, passes=(), phase: str = "",
-                          lib_prefix: str | None = prefix):
-            """Passes -> relax.build -> export with the target's linker; returns (pass names, functions)."""
-            from tvm import relax
+    from blockffn.artifacts.deploy import deploy_text
 
-            from blockffn.schedules.dlight_rules import metal_simdgroup_disabled, schedule_passes
+    if suffix:
+        built = build_library(opts, cfg, preset, target, dtype, context, prefill_chunk, prefix, timer)
+        manifest = manifest_for(built.functions, built.pass_names, built.metadata, built.metadata["params"])
+        with timer("export_library"):
+            note = write_library(built.executable, output, fcompile, deploy_text(preset, manifest, library_only=True),
+                                 overwrite=opts.overwrite)
+        return {"output": str(output), "library": lib_name, "deploy": str(note), "seconds": timer.times,
+                "param_bytes": 0, "kv_cache_bytes_per_sequence": kv_cache_bytes(cfg, context, dtype),
+                "memory_usage": built.metadata["memory_usage"]}
 
-            pipeline, names = build_pipeline(target, meta, bounds, graph_passes=list(passes),
-                                             schedule_passes=schedule_passes(target))
-            if lib_prefix is not None:
-                module = module.with_attr("system_lib_prefix", lib_prefix)
-            with timer(phase + "passes"):
-                with target, metal_simdgroup_disabled(target):
-                    lowered = pipeline(module)
-            fns = sorted(gv.name_hint for gv, f in lowered.functions.items()
-                         if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs)
-            with timer(phase + "build"):
-                executable = relax.build(lowered, target, relax_pipeline=tvm.transform.Sequential([]),
-                                         system_lib=preset.system_lib)
-            with timer(phase + "export_library"):
-                if fcompile is not None:
-                    executable.export_library(str(out_dir / file_name), fcompile=fcompile)
-                else:
-                    executable.export_library(str(out_dir / file_name))
-            return names, fns
-
-        pass_names, functions = build_library(mod, metadata, tmp, lib_name, graph_passes)
+    with atomic_output_dir(output, overwrite=opts.overwrite) as tmp:
+        built = build_library(opts, cfg, preset, target, dtype, context, prefill_chunk, prefix, timer)
+        params_meta = built.metadata["params"]
+        with timer("export_library"):
+            built.executable.export_library(str(tmp / lib_name), **({"fcompile": fcompile} if fcompile else {}))
         with timer("weights"):
             sd = model.state_dict()
             tensors = {p["name"]: to_numpy(to_library_layout(p["name"], sd[p["name"]]), dtype) for p in params_meta}
@@ -236,10 +291,14 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
             from blockffn.compiler.compile_draft import DRAFT_FOLDER, build_draft
 
             draft_lib = "draft-" + lib_name
+            bounds = {"seq_len": prefill_chunk, "batch_size": opts.max_batch_size, "total_seq_len": context}
 
             def build_draft_library(module, meta, out_dir):
-                _, fns = build_library(module, meta, out_dir, draft_lib, phase="draft ",
-                                       lib_prefix=None if prefix is None else prefix + "draft_")
+                executable, fns, _ = lower_and_build(module, meta, bounds, preset, target,
+                                                     None if prefix is None else prefix + "draft_", timer,
+                                                     phase="draft ")
+                with timer("draft export_library"):
+                    executable.export_library(str(out_dir / draft_lib), **({"fcompile": fcompile} if fcompile else {}))
                 return draft_lib, fns
 
             draft_entry = build_draft(draft_src, model, target, preset.name, dtype, tmp / DRAFT_FOLDER,
@@ -247,38 +306,11 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
         chat = layout.chat_config(cfg, opts.quantization, context, prefill_chunk, opts.max_batch_size,
                                   tokenizer_files)
         (tmp / layout.CHAT_CONFIG).write_text(json.dumps(chat, indent=2) + "\n")
-        import torch
-
-        manifest = {
-            "format": "blockffn-artifact/1",
-            "blockffn_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"path": str(model_dir.resolve()), "sha256": checkpoint_sha256(model_dir)},
-            "target": {"name": preset.name, "tvm_target": preset.target_json(opts.arch),
-                       "host_triple": preset.host_triple,
-                       "device": preset.device},
-            "quantization": opts.quantization, "dtype": dtype,
-            "weight_layout": {"names": "official HF names", "transforms": [DOWN_PROJ_TRANSPOSED]},
-            "library": lib_name,
-            "system_lib_prefix": prefix,
-            "passes": pass_names,
-            "ffn": metadata["ffn"],
-            "functions": functions,
-            "draft": draft_entry,
-            "versions": {"tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__, "torch": torch.__version__,
-                         "blockffn": __version__},
-            "context_window_size": context, "prefill_chunk_size": prefill_chunk,
-            "max_batch_size": opts.max_batch_size,
-            "params": [{k: p[k] for k in ("name", "shape", "dtype")} for p in params_meta],
-            "memory_usage": metadata["memory_usage"],
-            "compile_seconds": timer.times,
-        }
+        manifest = manifest_for(built.functions, built.pass_names, built.metadata, params_meta, draft_entry)
         (tmp / layout.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        from blockffn.artifacts.deploy import deploy_text
-
         (tmp / "DEPLOY.md").write_text(deploy_text(preset, manifest))
     param_bytes = sum(r["nbytes"] for r in param_records(cache))
     report = {"output": str(output), "library": lib_name, "seconds": timer.times, "param_bytes": param_bytes,
               "kv_cache_bytes_per_sequence": kv_cache_bytes(cfg, context, dtype),
-              "memory_usage": metadata["memory_usage"]}
+              "memory_usage": built.metadata["memory_usage"]}
     return report

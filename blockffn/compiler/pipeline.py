@@ -93,9 +93,13 @@ def _backend_pipeline(target: tvm.target.Target):
     return importlib.import_module(f"tvm.relax.backend.{name}.pipeline")
 
 
+PHASES = ("attach", "graph", "dispatch", "legalize", "schedule", "lower")
+
+
 def build_pipeline(target: tvm.target.Target, metadata: dict, bounds: dict[str, int],
-                   graph_passes: list | None = None, schedule_passes: list | None = None):
-    """Returns (pipeline pass, [pass names in order])."""
+                   graph_passes: list | None = None, schedule_passes: list | None = None, through: str = "lower"):
+    """Returns (pipeline pass, [pass names in order]).  ``through`` stops after that phase (e.g. "schedule": the
+    scheduled Relax + TIR module, before VM lowering, which tests run kernel by kernel)."""
     P = _backend_pipeline(target)
     phases = [
         [attach_variable_bounds(bounds)],
@@ -107,8 +111,8 @@ def build_pipeline(target: tvm.target.Target, metadata: dict, bounds: dict[str, 
     ]
     finalize = P.finalize_passes(target)
     plan_idx = next(i for i, p in enumerate(finalize) if p.info.name == "StaticPlanBlockMemory")
-    phases.append(finalize[: plan_idx + 1] + [attach_metadata(metadata)] + finalize[plan_idx + 1:])
-    passes = [p for phase in phases for p in phase]
+    phases[-1] = phases[-1] + finalize[: plan_idx + 1] + [attach_metadata(metadata)] + finalize[plan_idx + 1:]
+    passes = [p for phase in phases[: PHASES.index(through) + 1] for p in phase]
 
     @tvm.transform.module_pass(opt_level=0, name="blockffn_pipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:

@@ -26,6 +26,8 @@ class TargetPreset:
     system_lib: bool = False  # .tar system library for static linking into an app (Android / iOS)
     cross_cxx: str | None = None  # cross compiler that links the .so (None: host compiler)
     cross_package: str | None = None  # Debian package that provides cross_cxx
+    # library formats `--output FILE.<suffix>` may ask for (library-only builds); lib_suffix is what folders get
+    output_suffixes: tuple = (".so", ".tar")
 
     def target_json(self, arch: str | None = None) -> dict:
         """The target dict, with a CUDA arch override (``sm_90`` or ``90``) applied."""
@@ -92,35 +94,42 @@ TARGETS: dict[str, TargetPreset] = {
         toolchain="nvcc (CUDA toolkit) + aarch64-linux-gnu-g++", device="cuda", kernel_family="gpu",
         cross_cxx="aarch64-linux-gnu-g++", cross_package="g++-aarch64-linux-gnu",
         aliases=("jetson-orin", "jetson-orin-nx", "jetson-agx-orin", "jetson-orin-nano")),
+    "cpu-aarch64": TargetPreset(
+        name="cpu-aarch64", description="64-bit Arm Linux CPU (LLVM, cortex-a78 as on Jetson Orin; runs under "
+                                        "qemu-aarch64 in tests)",
+        target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78"},
+        host_triple="aarch64-linux-gnu", lib_suffix=".so", toolchain="aarch64-linux-gnu-g++",
+        cross_cxx="aarch64-linux-gnu-g++", cross_package="g++-aarch64-linux-gnu",
+        aliases=("jetson-cpu", "aarch64", "arm64-linux")),
     "android": TargetPreset(
         name="android", description="Android phones, OpenCL GPU (system library for the MLC Android app)",
         target={"kind": "opencl", "host": {"kind": "llvm", "mtriple": "aarch64-linux-android"}},
         host_triple="aarch64-linux-android", lib_suffix=".tar", toolchain="none (Android NDK links the app)",
-        device="opencl", kernel_family="gpu", system_lib=True),
+        device="opencl", kernel_family="gpu", system_lib=True, output_suffixes=(".tar",)),
     "android-adreno": TargetPreset(
         name="android-adreno", description="Android with Qualcomm Adreno GPU (OpenCL, 512 threads per block)",
         target={"kind": "opencl", "device": "adreno", "max_threads_per_block": 512,
                 "host": {"kind": "llvm", "mtriple": "aarch64-linux-android"}},
         host_triple="aarch64-linux-android", lib_suffix=".tar", toolchain="none (Android NDK links the app)",
-        device="opencl", kernel_family="gpu", system_lib=True),
+        device="opencl", kernel_family="gpu", system_lib=True, output_suffixes=(".tar",)),
     "android-mali": TargetPreset(
         name="android-mali", description="Android with Arm Mali GPU (OpenCL)",
         target={"kind": "opencl", "host": {"kind": "llvm", "mtriple": "aarch64-linux-android"}},
         host_triple="aarch64-linux-android", lib_suffix=".tar", toolchain="none (Android NDK links the app)",
-        device="opencl", kernel_family="gpu", system_lib=True),
+        device="opencl", kernel_family="gpu", system_lib=True, output_suffixes=(".tar",)),
     "metal": TargetPreset(
         name="metal", description="Apple silicon Mac, Metal GPU (MSL compiled on the device at load)",
         target={"kind": "metal", "max_threads_per_block": 256, "max_shared_memory_per_block": 32768,
                 "thread_warp_size": 1, "host": {"kind": "llvm", "mtriple": "arm64-apple-macos"}},
         host_triple="arm64-apple-macos", lib_suffix=".tar", toolchain="none (Xcode links the .dylib on a Mac)",
-        device="metal", kernel_family="gpu", system_lib=True),
+        device="metal", kernel_family="gpu", system_lib=True, output_suffixes=(".tar", ".dylib")),
     "iphone": TargetPreset(
         name="iphone", description="iPhone / iPad, Metal GPU (system library for the MLC iOS app)",
         target={"kind": "metal", "max_threads_per_block": 256, "max_shared_memory_per_block": 32768,
                 "thread_warp_size": 1, "libs": ["iphoneos"],
                 "host": {"kind": "llvm", "mtriple": "arm64-apple-ios"}},
         host_triple="arm64-apple-ios", lib_suffix=".tar", toolchain="none (Xcode links the app)",
-        device="metal", kernel_family="gpu", system_lib=True),
+        device="metal", kernel_family="gpu", system_lib=True, output_suffixes=(".tar",)),
 }
 
 

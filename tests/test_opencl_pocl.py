@@ -1,0 +1,114 @@
+"""The android (OpenCL) build on a real OpenCL implementation: PoCL on this CPU, driven through pyopencl.
+
+Every OpenCL kernel embedded in the android library is compiled by the OpenCL driver, and one BlockFFN layer,
+lowered by the compile pipeline exactly as for the phone (sparse lowering, GPU kernels, dlight schedules), runs
+kernel by kernel on the device and matches numpy.  Skipped, with the reason, without PoCL or pyopencl.
+"""
+
+import numpy as np
+import pytest
+
+from blockffn import default_model_path
+from blockffn.artifacts.layout import storage_dtype
+from blockffn.compiler.compile import CompileOptions, PhaseTimer, build_library, system_lib_prefix
+from blockffn.compiler.pipeline import build_pipeline
+from blockffn.compiler.relax_model import SingleBlockFFN
+from blockffn.model import load_model
+from blockffn.relax_passes.lower_sparse_ffn import LowerBlockFFNSparse
+from blockffn.schedules.dlight_rules import schedule_passes
+from blockffn.targets import get_target
+from tests.conftest import small_config
+from tests.pocl_runner import PoCLInterpreter, kernel_names, kernel_programs, opencl_sources
+from tests.test_sparse_lowering import numpy_dense
+
+cl = pytest.importorskip("pyopencl", reason="pyopencl not installed (pip install pyopencl)")
+
+
+@pytest.fixture(scope="module")
+def device():
+    try:
+        devices = [d for p in cl.get_platforms() for d in p.get_devices()]
+    except cl.Error as e:  # no ICD loader / no platform
+        pytest.skip(f"no OpenCL platform ({e}); Debian: apt-get install pocl-opencl-icd")
+    if not devices:
+        pytest.skip("no OpenCL device; Debian: apt-get install pocl-opencl-icd")
+    dev = next((d for d in devices if "Portable Computing Language" in d.platform.name), devices[0])
+    ctx = cl.Context([dev])
+    return dev, ctx, cl.CommandQueue(ctx)
+
+
+@pytest.mark.parametrize("target,quantization", [("android", "q0f32"), ("android-adreno", "q0f32"),
+                                                 ("android", "q0f16")])
+def test_every_android_kernel_compiles_with_the_opencl_driver(device, target, quantization):
+    dev, ctx, _ = device
+    if quantization == "q0f16" and "cl_khr_fp16" not in dev.extensions:
+        pytest.skip(f"{dev.name} ({dev.platform.name}) has no cl_khr_fp16 for the fp16 kernels")
+    preset = get_target(target)
+    cfg = load_model(default_model_path(), dtype="float32").config
+    built = build_library(CompileOptions(model_dir=default_model_path(), target=target, quantization=quantization),
+                          cfg, preset, preset.tvm_target(), storage_dtype(quantization), 256, 64,
+                          system_lib_prefix("blockffn-tiny", quantization),
+                          PhaseTimer(lambda *_: None))
+    (source,) = opencl_sources(built.executable.mod)
+    programs = kernel_programs(source)
+    assert len(programs) == len(set(kernel_names(source))) > 20  # model, KV-cache, sparse-FFN, sampling kernels
+    assert any("blockffn_sparse" in name for name in programs)  # the sparse FFN kernels are among them
+    for name, program in programs.items():
+        built_program = cl.Program(ctx, program).build()
+        assert name in built_program.kernel_names.split(";")
+    print(f"{target} {quantization}: {len(programs)} OpenCL kernels built by {dev.platform.name} on {dev.name}")
+
+
+@pytest.fixture(scope="module", params=["android", "android-adreno"])
+def ffn_on_device(request, device):
+    """One BlockFFN layer (dense and sparse entry points) scheduled for the preset, run on the OpenCL device."""
+    _, ctx, queue = device
+    preset = get_target(request.param)
+    target = preset.tvm_target()
+    cfg = small_config()
+    mod, _ = SingleBlockFFN(cfg).export()
+    mod = LowerBlockFFNSparse(["sparse"], family=preset.kernel_family)(mod)
+    pipeline, _ = build_pipeline(target, {}, {"n": 64}, schedule_passes=schedule_passes(target), through="schedule")
+    with target:
+        scheduled = pipeline(mod)
+    return cfg, PoCLInterpreter(scheduled, target, ctx, queue)
+
+
+def _layer_inputs(cfg, T, active, rng):
+    """x and weights whose router activates exactly ``active`` (a [T, E] mask); float32."""
+    E, De, d = cfg.num_experts, cfg.expert_size, cfg.hidden_size
+    x = rng.standard_normal((T, d))
+    target = np.where(active, rng.random((T, E)) + 0.5, -(rng.random((T, E)) + 0.5))
+    w_router = np.linalg.lstsq(x, target, rcond=None)[0].T
+    weights = [w_router, rng.uniform(0.5, 1.5, E), rng.standard_normal((E * De, d)) * 0.05,
+               rng.standard_normal((E * De, d)) * 0.05]
+    x32, w32 = x.astype("float32"), [w.astype("float32") for w in weights]
+    assert np.array_equal(x32 @ w32[0].T > 0, active)
+    return x32, w32
+
+
+@pytest.mark.parametrize("T,pattern", [(1, "sparse"), (1, "none"), (5, "sparse"), (17, "half"), (17, "all")])
+def test_sparse_ffn_kernels_on_opencl_match_numpy(ffn_on_device, T, pattern):
+    cfg, run = ffn_on_device
+    E = cfg.num_experts
+    rng = np.random.default_rng(T * 31 + len(pattern))
+    active = {"none": np.zeros((T, E), bool), "all": np.ones((T, E), bool),
+              "half": rng.random((T, E)) < 0.5}.get(pattern)
+    if active is None:
+        active = np.zeros((T, E), bool)
+        active[:, rng.choice(E, 3, replace=False)] = rng.random((T, 3)) < 0.7
+        active[0, 0] = True
+    x, w = _layer_inputs(cfg, T, active, rng)
+    launched = len(run.launched)
+    sparse = run("sparse", x[None], tuple(w))[0]
+    sparse_kernels = run.launched[launched:]
+    dense = run("dense", x[None], tuple(w))[0]
+    assert any(k.startswith("blockffn_sparse") for k in sparse_kernels)  # the sparse lowering ran on the device
+    ref = numpy_dense(*(a.astype(np.float64) for a in (x, *w)), E, cfg.expert_size, cfg.rms_norm_eps)
+    assert np.isfinite(sparse).all() and np.isfinite(dense).all()
+    if not active.any():
+        assert not sparse.any() and not dense.any()
+        return
+    scale = np.abs(ref).max()
+    assert np.abs(sparse - ref).max() / scale <= 1e-5
+    assert np.abs(dense - ref).max() / scale <= 1e-5
