@@ -352,9 +352,9 @@ def generate_cmd(model_dir, artifact_dir, device, prompt, sparse, ffn, draft_dir
         from blockffn.runtime.session import open_generator
 
         gen = open_generator(artifact_dir, device, draft_dir, speculative, draft_len, ffn)
-        stream = None if as_json else (lambda text: click.echo(text, nl=False))
+        stream = None if as_json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
         if stream:
-            click.echo(prompt, nl=False)
+            stream(prompt)
         r = gen.generate(gen.engine.tokenizer.encode(prompt).ids, params, on_text=stream)
         out = {"tokens": r.tokens, "text": r.text, "tok_per_s": r.tok_per_s, "prefill_tok_per_s": r.prefill_tok_per_s,
                "stop_reason": r.stop_reason, "speculative": gen.spec.mode}

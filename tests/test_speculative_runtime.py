@@ -126,7 +126,7 @@ def _first_token_distribution(e, gen, prompt, params, trials):
     for _ in range(trials):
         gen.drafter.begin(prompt, root, e.prefill_hidden(1, prompt) if gen.drafter.kind == "eagle" else None)
         res = type("R", (), {"tokens": [root], "accepted": [], "verify_sizes": []})()
-        new = gen._spec_round(root, 3 if gen.spec.mode == "chain" else 15, res, params, rng)
+        new = gen._spec_round(root, gen.spec.mode, 3 if gen.spec.mode == "chain" else 15, res, params, rng)
         counts[new[0]] += 1
         e.popn(0, len(new))  # root + accepted drafts were committed; the bonus was not
         e.popn(1, e.state.lengths[1])

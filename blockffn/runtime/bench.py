@@ -1,8 +1,8 @@
 """`blockffn bench`: decode and prefill speed of one artifact in every FFN x decoding mode, on the same weights.
 
 Modes: ``dense-AR`` / ``sparse-AR`` (plain decoding with the dense twins / the sparse functions), ``dense-spec`` /
-``sparse-spec`` (speculative decoding with the artifact's draft, speculating every round), ``sparse-auto`` (the
-runtime's never-slower policy).  Also: a memory bandwidth figure measured on the same device, and the roofline
+``sparse-spec`` (speculative decoding with the artifact's draft under the runtime's never-slower policy), and
+``sparse-chain4`` / ``sparse-tree32`` (one speculation kind forced every round).  Also: a memory bandwidth figure measured on the same device, and the roofline
 fraction of dense decoding (weight bytes streamed per second / that bandwidth).
 """
 
@@ -85,18 +85,21 @@ def run_bench(artifact, device: str = "cpu", draft=None, prompts=None, max_token
     prompt_ids = [ids[:room] for ids in prompt_ids if ids]
     drafter = open_drafter(draft, sparse, device)
     mode = resolve_mode("auto", drafter)
-    runs = [("dense-AR", Generator(dense)), ("sparse-AR", Generator(sparse))]
+    runs = [("dense-AR", dense, None), ("sparse-AR", sparse, None)]
     if drafter is not None:
-        runs += [("dense-spec", None), ("sparse-spec", None), ("sparse-auto", None)]
+        # spec rows run the runtime's policy (chain / tree / plain per round, from measured costs); the forced rows
+        # show each speculation kind on its own
+        runs += [("dense-spec", dense, SpecConfig(mode=mode)), ("sparse-spec", sparse, SpecConfig(mode=mode)),
+                 ("sparse-chain4", sparse, SpecConfig(mode="chain", chain_len=4, adaptive=False))]
+        if drafter.kind == "eagle":
+            runs.append(("sparse-tree32", sparse, SpecConfig(mode="tree", adaptive=False)))
     modes = {}
-    for name, gen in runs:
-        if gen is None:
-            engine = dense if name.startswith("dense") else sparse
-            gen = Generator(engine, drafter, SpecConfig(mode=mode, chain_len=4, adaptive=name.endswith("auto")))
+    for name, engine, spec in runs:
+        gen = Generator(engine) if spec is None else Generator(engine, drafter, spec)
         _run(gen, prompt_ids[:1], GenerationParams(max_tokens=8, greedy=True, stop_at_eos=False))  # warm-up
         modes[name] = _run(gen, prompt_ids, params)
         m = modes[name]
-        log(f"  {name:<12} decode {m['decode_tok_s']:8.1f} tok/s   prefill {m['prefill_tok_s']:8.1f} tok/s"
+        log(f"  {name:<14} decode {m['decode_tok_s']:8.1f} tok/s   prefill {m['prefill_tok_s']:8.1f} tok/s"
             + (f"   accepted {m['accept_len']:.2f} tokens/verify" if m["accept_len"] else ""))
     bw = measure_bandwidth(device)
     param_bytes = sum(rec["nbytes"] for shard in sparse.art.tensor_cache["records"] for rec in shard["records"])

@@ -22,7 +22,7 @@ SEQ = 0
 
 @dataclass
 class SpecConfig:
-    mode: str = "tree"  # off | chain | tree
+    mode: str = "tree"  # off | chain | tree | auto (EAGLE draft: chain or tree, whichever measures faster)
     chain_len: int = 0  # 0 = chosen by the policy each round
     depth: int = 3
     topk: int = 10
@@ -91,11 +91,11 @@ class Generator:
     def __init__(self, engine, drafter=None, spec: SpecConfig | None = None, profile=None):
         self.engine, self.drafter = engine, drafter
         self.spec = spec or SpecConfig(mode="off")
-        if self.spec.mode not in ("off", "chain", "tree"):
-            raise BlockFFNError(f"unknown --speculative {self.spec.mode!r}; use off, chain or tree")
+        if self.spec.mode not in ("off", "chain", "tree", "auto"):
+            raise BlockFFNError(f"unknown --speculative {self.spec.mode!r}; use auto, off, chain or tree")
         if self.spec.mode != "off" and drafter is None:
             raise BlockFFNError("speculative decoding needs a draft (the artifact has no draft/; pass --draft DIR)")
-        if self.spec.mode == "tree" and drafter is not None and drafter.kind != "eagle":
+        if self.spec.mode in ("tree", "auto") and drafter is not None and drafter.kind != "eagle":
             raise BlockFFNError("tree drafts need an EAGLE draft head; a draft model drafts chains "
                                 "(--speculative chain)")
         self.sampler = LibrarySampler(engine)
@@ -104,22 +104,26 @@ class Generator:
             from blockffn.runtime.policy import SpecPolicy, cached_profile
 
             prof = profile or cached_profile(engine, drafter, engine.ffn)
-            self.policy = SpecPolicy(prof, self.spec.mode, tree_size=self.spec.tree_size)
+            kinds = ("chain", "tree") if self.spec.mode == "auto" else (self.spec.mode,)
+            self.policy = SpecPolicy(prof, kinds, tree_size=self.spec.tree_size)
 
     # ------------------------------------------------------------------------------------------------ helpers
     @property
     def _eagle(self) -> bool:
         return self.drafter is not None and self.drafter.kind == "eagle"
 
-    def _round_size(self) -> int:
+    def _plan(self) -> tuple:
+        """(kind, drafted tokens) of the next round: ("plain", 0), ("chain", k) or ("tree", nodes)."""
         if self.spec.mode == "off":
-            return 0
+            return "plain", 0
         if self.policy is not None:
-            k = self.policy.plan()
-            if self.spec.mode == "chain" and self.spec.chain_len and k:
-                k = self.spec.chain_len
-            return k
-        return (self.spec.chain_len or 4) if self.spec.mode == "chain" else self.spec.tree_size - 1
+            kind, n = self.policy.plan()
+            if kind == "chain" and self.spec.chain_len:
+                n = self.spec.chain_len
+            return kind, n
+        if self.spec.mode in ("tree", "auto"):
+            return "tree", self.spec.tree_size - 1
+        return "chain", self.spec.chain_len or 4
 
     def generate(self, prompt_ids, params: GenerationParams, on_text=None, interrupted=lambda: False
                  ) -> GenerationResult:
@@ -158,14 +162,14 @@ class Generator:
                     res.stop_reason = stop or "interrupted"
                     break
                 root = res.tokens[-1]
-                k = self._round_size()
-                if k == 0:
+                kind, k = self._plan()
+                if kind == "plain":
                     new = self._plain_step(root, res, params, rng, pending_tokens, pending_hidden)
                     continue
                 if pending_tokens:
                     self.drafter.accept(pending_tokens, np.stack(pending_hidden))
                     pending_tokens, pending_hidden = [], []
-                new = self._spec_round(root, k, res, params, rng)
+                new = self._spec_round(root, kind, k, res, params, rng)
             res.decode_s = time.perf_counter() - t1
         finally:
             e.remove_sequence(SEQ)
@@ -196,9 +200,9 @@ class Generator:
             return [tok]
         return [self.sampler.choose(e.decode(SEQ, root), res.tokens, params, rng)]
 
-    def _spec_round(self, root, k, res, params, rng) -> list:
+    def _spec_round(self, root, kind, k, res, params, rng) -> list:
         e, d = self.engine, self.drafter
-        if self.spec.mode == "chain":
+        if kind == "chain":
             tree, draft_probs = d.chain(k, 0.0 if params.is_greedy else params.temperature, params.top_p, rng)
         else:
             tree, draft_probs = d.tree(self.spec.topk, self.spec.depth, k), None
@@ -222,7 +226,7 @@ class Generator:
         res.accepted.append(len(new))
         res.verify_sizes.append(len(tokens))
         if self.policy is not None:
-            self.policy.observe(len(tree), len(path))
+            self.policy.observe(kind, len(tree), len(path))
         return new
 
     @staticmethod

@@ -9,6 +9,9 @@ tokens a round yields; each round it picks the plan with the highest expected to
   ``t_draft(k) + t_verify(k + 1)``;
 * an EAGLE-2 tree: the running mean accepted length per ``t_tree + t_verify(tree_size)``.
 
+With an EAGLE draft and ``--speculative auto`` both chains and trees are candidates: on a CPU a 32-token verify
+costs several decode steps, so short chains usually win there, while on a GPU the tree's verify is nearly free.
+
 When plain decoding wins, speculation is still probed every ``probe_every`` steps so the estimates can recover.
 """
 
@@ -116,10 +119,14 @@ def cached_profile(engine, drafter, ffn: str) -> CostProfile:
 
 @dataclass
 class SpecPolicy:
-    """Chooses each round's plan from a cost profile and the running acceptance."""
+    """Chooses each round's plan from a cost profile and the running acceptance.
+
+    ``kinds`` are the speculation kinds allowed (``chain``, ``tree`` or both); `plan` returns ``(kind, n)`` with
+    n drafted tokens, or ``("plain", 0)``.
+    """
 
     profile: CostProfile
-    mode: str  # chain | tree
+    kinds: tuple = ("chain",)
     max_chain: int = 8
     tree_size: int = 32
     prior_accept: float = 0.6  # per-token acceptance rate before anything is observed
@@ -127,7 +134,6 @@ class SpecPolicy:
     alpha: float = field(default=0.0, init=False)
     tree_len: float = field(default=0.0, init=False)
     _plain_streak: int = field(default=0, init=False)
-    _rounds: int = field(default=0, init=False)
 
     def __post_init__(self):
         self.alpha = self.prior_accept
@@ -138,27 +144,38 @@ class SpecPolicy:
         tokens = (1 - a ** (k + 1)) / (1 - a)
         return tokens / (k * self.profile.t_draft_step + self.profile.verify(k + 1))
 
-    def plan(self) -> int:
-        """Drafted tokens for the next round: k > 0 chain length (tree mode: the tree size), 0 = plain step."""
-        plain = 1.0 / self.profile.t_decode
-        if self.mode == "tree":
-            best, rate = self.tree_size - 1, self.tree_len / (self.profile.t_tree + self.profile.verify(self.tree_size))
-        else:
-            best = max(range(1, self.max_chain + 1), key=self.chain_rate)
-            rate = self.chain_rate(best)
-        if rate > plain or self._plain_streak >= self.probe_every:
-            self._plain_streak = 0
-            return best
-        self._plain_streak += 1
-        return 0
+    def tree_rate(self) -> float:
+        return self.tree_len / (self.profile.t_tree + self.profile.verify(self.tree_size))
 
-    def observe(self, drafted: int, accepted_tokens: int) -> None:
-        """After a round: ``accepted_tokens`` = drafts accepted (the bonus token not counted)."""
-        self._rounds += 1
+    def candidates(self) -> list:
+        """(expected tokens per second, kind, drafted tokens) of every allowed plan, plain decoding included."""
+        out = [(1.0 / self.profile.t_decode, "plain", 0)]
+        if "chain" in self.kinds:
+            out += [(self.chain_rate(k), "chain", k) for k in range(1, self.max_chain + 1)]
+        if "tree" in self.kinds and self.profile.t_tree > 0:
+            out.append((self.tree_rate(), "tree", self.tree_size - 1))
+        return out
+
+    def plan(self) -> tuple:
+        rate, kind, n = max(self.candidates(), key=lambda c: c[0])
+        if kind != "plain":
+            self._plain_streak = 0
+            return kind, n
+        self._plain_streak += 1
+        if self._plain_streak > self.probe_every:  # re-check speculation now and then
+            self._plain_streak = 0
+            spec = [c for c in self.candidates() if c[1] != "plain"]
+            if spec:
+                _, kind, n = max(spec, key=lambda c: c[0])
+                return kind, n
+        return "plain", 0
+
+    def observe(self, kind: str, drafted: int, accepted: int) -> None:
+        """After a round: ``accepted`` = drafted tokens accepted (the bonus token not counted)."""
         w = 0.3
-        if self.mode == "tree":
-            self.tree_len = (1 - w) * self.tree_len + w * (accepted_tokens + 1)
+        if kind == "tree":
+            self.tree_len = (1 - w) * self.tree_len + w * (accepted + 1)
         elif drafted:
-            # per-token acceptance of a chain: accepted / (accepted + 1 rejection), or all accepted
-            a = accepted_tokens / drafted if accepted_tokens == drafted else accepted_tokens / (accepted_tokens + 1)
+            # per-token acceptance of a chain: all accepted, or accepted ones then one rejection
+            a = 1.0 if accepted == drafted else accepted / (accepted + 1)
             self.alpha = (1 - w) * self.alpha + w * a

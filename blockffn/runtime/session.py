@@ -31,12 +31,13 @@ def open_drafter(option, engine, device: str):
 
 
 def resolve_mode(mode: str, drafter) -> str:
-    """``auto``: EAGLE tree with an EAGLE draft, chain with a draft model, plain without a draft."""
+    """``auto``: chains or EAGLE-2 trees (whichever measures faster) with an EAGLE draft, chains with a draft
+    model, plain decoding without a draft."""
     if mode != "auto":
         return mode
     if drafter is None:
         return "off"
-    return "tree" if drafter.kind == "eagle" else "chain"
+    return "auto" if drafter.kind == "eagle" else "chain"
 
 
 def open_generator(artifact, device: str = "cpu", draft=None, speculative: str = "auto", draft_len: int = 0,
