@@ -3,8 +3,11 @@
     python benchmarks/ffn_sparsity.py --target cpu --preset small|xlarge|3b|tiny [--json OUT.json]
         [--tokens 1 8 32] [--active 0.05 0.1 0.2 0.3 0.5 1.0]
 
-(--target cuda needs a GPU machine with the TVM compiler installed; see benchmarks/gpu_check.py for running
-prebuilt CUDA artifacts with the runtime only.)
+    python benchmarks/ffn_sparsity.py --target cuda --preset small --build-only DIR     (here: compile, no GPU needed)
+    python benchmarks/ffn_sparsity.py --target cuda --preset small --prebuilt DIR       (GPU machine, TVM runtime only)
+
+The split lets a CUDA library compiled on this machine run on a GPU machine that has only TVM's runtime (see
+benchmarks/gpu_check.py for loading the CUDA runtime plugin there).
 
 One BlockFFN layer is compiled twice from the same Relax function: as exported (dense: every expert, exact-zero
 gates) and after LowerBlockFFNSparse (router -> union -> gathered up/down kernels).  Router weights are solved so
@@ -22,15 +25,16 @@ import torch
 import torch.nn.functional as F
 import tvm
 from torch.utils import benchmark as tbench
-from tvm import relax
 
-from blockffn.compiler.relax_model import SingleBlockFFN
 from blockffn.model import preset_config
-from blockffn.relax_passes.lower_sparse_ffn import LowerBlockFFNSparse
 
 
-def build(cfg, target="cpu"):
+def build(cfg, target="cpu", export=None):
     """Both entry points through the product's pipeline and schedules for the target preset."""
+    from tvm import relax
+
+    from blockffn.compiler.relax_model import SingleBlockFFN
+    from blockffn.relax_passes.lower_sparse_ffn import LowerBlockFFNSparse
     from blockffn.compiler.pipeline import build_pipeline
     from blockffn.schedules.dlight_rules import schedule_passes
     from blockffn.targets import get_target
@@ -38,9 +42,17 @@ def build(cfg, target="cpu"):
     mod, _ = SingleBlockFFN(cfg).export()
     mod = LowerBlockFFNSparse(["sparse"], family="cpu" if target == "cpu" else "gpu")(mod)
     tgt = get_target(target).tvm_target()
+    if target == "cuda":
+        from blockffn.targets.cuda_build import configure_cuda_build
+
+        configure_cuda_build(str(tgt.arch).removeprefix("sm_"))
     pipe, _ = build_pipeline(tgt, {}, {"n": 64}, schedule_passes=schedule_passes(tgt))
+    ex = tvm.compile(mod, tgt, relax_pipeline=pipe)
+    if export:
+        ex.export_library(export)
+        return None
     dev = tvm.cpu() if target == "cpu" else tvm.cuda()
-    return relax.VirtualMachine(tvm.compile(mod, tgt, relax_pipeline=pipe), dev), dev
+    return relax.VirtualMachine(ex, dev), dev
 
 
 def weights(cfg, T, active, rng):
@@ -58,6 +70,22 @@ def weights(cfg, T, active, rng):
                (rng.standard_normal((E * De, d)) * 0.02).astype(np.float32)], n_act
 
 
+def load_prebuilt(folder, target):
+    import os
+
+    if target == "cuda":
+        import sys
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from gpu_check import load_cuda_runtime
+
+        load_cuda_runtime()
+    from tvm.runtime.vm import VirtualMachine
+
+    dev = tvm.cpu() if target == "cpu" else tvm.cuda()
+    return VirtualMachine(tvm.runtime.load_module(os.path.join(folder, "ffn.so")), dev), dev
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", default="cpu", choices=["cpu", "cuda"])
@@ -65,9 +93,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--active", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.5, 1.0])
     ap.add_argument("--json", type=str, default=None)
+    ap.add_argument("--build-only", metavar="DIR", default=None, help="Compile into DIR/ffn.so and stop.")
+    ap.add_argument("--prebuilt", metavar="DIR", default=None, help="Time DIR/ffn.so (made by --build-only).")
     args = ap.parse_args()
     cfg = preset_config(args.preset, num_hidden_layers=1)
-    vm, dev = build(cfg, args.target)
+    if args.build_only:
+        import os
+
+        os.makedirs(args.build_only, exist_ok=True)
+        build(cfg, args.target, export=os.path.join(args.build_only, "ffn.so"))
+        print(f"wrote {args.build_only}/ffn.so")
+        return
+    vm, dev = load_prebuilt(args.prebuilt, args.target) if args.prebuilt else build(cfg, args.target)
+    on_gpu = args.target == "cuda"
     rng = np.random.default_rng(0)
     rows = []
     print(f"preset {args.preset} on {args.target}: d={cfg.hidden_size} E={cfg.num_experts} De={cfg.expert_size}, "
@@ -84,8 +122,9 @@ def main() -> None:
             t_sparse = vm.time_evaluator("sparse", dev, number=1, repeat=5, min_repeat_ms=50)(xt, params).median * 1e3
             d_out, s_out = vm["dense"](xt, params).numpy(), vm["sparse"](xt, params).numpy()
             err = np.abs(d_out - s_out).max() / np.abs(d_out).max()
-            tw = [torch.from_numpy(a) for a in w]
-            xx = torch.from_numpy(x)
+            tdev = "cuda" if on_gpu else "cpu"
+            tw = [torch.from_numpy(a).to(tdev) for a in w]
+            xx = torch.from_numpy(x).to(tdev)
 
             def torch_ffn():
                 a0 = F.linear(xx, tw[0])
