@@ -262,8 +262,10 @@ def _compile_options(f):
         click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
                      help="Model folder (default: the bundled model)."),
         click.option("--target", default="cpu", show_default=True, help="Target preset (see --list-targets)."),
-        click.option("--dtype", "quantization", type=click.Choice(["q0f32", "q0f16", "q0bf16"]), default="q0f32",
-                     show_default=True, help="Weight storage / compute dtype."),
+        click.option("--dtype", "--quantization", "quantization",
+                     type=click.Choice(["q0f32", "q0f16", "q0bf16", "q4f16_1", "q4f32_1"]), default="q0f32",
+                     show_default=True, help="Weight storage / compute dtype; q4*: 4-bit group quantization "
+                                             "(MLC q_weight/q_scale) with an fp16 / fp32 scale and compute dtype."),
         click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
                      help="Artifact folder (default: dist/<model>-<dtype>-<target>)."),
         click.option("--context-window", type=int, default=None, help="Max tokens per sequence."),

@@ -95,10 +95,12 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
 
     from blockffn.compiler import library_funcs
     from blockffn.compiler.pipeline import build_pipeline
+    from blockffn.compiler.quantization import Q4_EXPERT_LAYOUT, library_tensors, scheme_for
     from blockffn.compiler.relax_model import DOWN_PROJ_TRANSPOSED, export_model, to_library_layout
 
     preset = get_target(opts.target)
     dtype = layout.storage_dtype(opts.quantization)
+    scheme = scheme_for(opts.quantization)
     model_dir = Path(opts.model_dir)
     model = load_model(model_dir, dtype="float32")
     cfg = model.config
@@ -137,11 +139,11 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
 
     with atomic_output_dir(output, overwrite=opts.overwrite) as tmp:
         with timer("export"):
-            mod, named_params, _ = export_model(cfg, dtype, target)
+            mod, named_params, _ = export_model(cfg, dtype, target, scheme)
             mod = library_funcs.add_logit_processors(mod, target)
             mod = library_funcs.add_softmax_with_temperature(mod)
             mod = library_funcs.add_alloc_embedding_tensor(mod, prefill_chunk, cfg.hidden_size, dtype)
-        params_meta = [{"name": n, "shape": [int(s) for s in p.shape], "dtype": dtype, "preprocs": [],
+        params_meta = [{"name": n, "shape": [int(s) for s in p.shape], "dtype": str(p.dtype), "preprocs": [],
                         "pipeline_stages": [0]} for n, p in named_params]
         from blockffn.compiler.relax_model import cache_layout
 
@@ -192,7 +194,11 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
                 executable.export_library(str(tmp / lib_name))
         with timer("weights"):
             sd = model.state_dict()
-            tensors = {p["name"]: to_numpy(to_library_layout(p["name"], sd[p["name"]]), dtype) for p in params_meta}
+            if scheme is not None:
+                tensors = library_tensors(sd, cfg, scheme)
+            else:
+                tensors = {p["name"]: to_numpy(to_library_layout(p["name"], sd[p["name"]]), dtype)
+                           for p in params_meta}
             for p in params_meta:
                 if list(tensors[p["name"]].shape) != p["shape"]:
                     raise BlockFFNError(f"internal: {p['name']} has shape {list(tensors[p['name']].shape)} but the "
@@ -215,7 +221,9 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
                        "host_triple": preset.host_triple,
                        "device": preset.device},
             "quantization": opts.quantization, "dtype": dtype,
-            "weight_layout": {"names": "official HF names", "transforms": [DOWN_PROJ_TRANSPOSED]},
+            "quantization_scheme": scheme.manifest() if scheme is not None else None,
+            "weight_layout": {"names": "official HF names",
+                              "transforms": [Q4_EXPERT_LAYOUT if scheme is not None else DOWN_PROJ_TRANSPOSED]},
             "library": lib_name,
             "system_lib_prefix": prefix,
             "passes": pass_names,
