@@ -43,7 +43,10 @@ def gpu_schedule_passes(target) -> list:
 
 
 def schedule_passes(target) -> list:
-    """Schedules for the target's dense kernels (none needed on CPU: LLVM codegen handles unscheduled loops)."""
+    """Schedules for the target's dense kernels (on CPU only the q4 dequantize-matmuls need one: LLVM codegen
+    handles the other unscheduled loops)."""
     if target.kind.name == "llvm":
-        return []
+        from blockffn.schedules.dense_q4_cpu import cpu_q4_schedule_passes
+
+        return cpu_q4_schedule_passes()
     return gpu_schedule_passes(target)
