@@ -50,14 +50,18 @@ def dequantize_te(q_weight: te.Tensor, q_scale: te.Tensor, N, K, index, dtype: s
 
 def q4_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, N: int, K: int, index=linear_index,
               name: str = "q4_matmul") -> Tensor:
-    """``x [..., K] · Wᵀ`` with W [N, K] dequantized inside the kernel (accumulated in x's dtype, as MLC)."""
+    """``x [..., K] · Wᵀ`` with W [N, K] dequantized inside the kernel; products are accumulated in fp32 (the
+    expert down-projection sums E·De terms, too many for an fp16 accumulator) and cast back to x's dtype."""
 
     def compute(x, qw, qs):
         w = dequantize_te(qw, qs, N, K, index, x.dtype)
         k = te.reduce_axis((0, K), name="k")
         lead = len(x.shape) - 1
-        return te.compute((*x.shape[:-1], N),
-                          lambda *i: te.sum(x[(*i[:lead], k)] * w[i[lead], k], axis=k), name=MATMUL_BLOCK)
+        acc = te.compute((*x.shape[:-1], N), lambda *i: te.sum(
+            x[(*i[:lead], k)].astype("float32") * w[i[lead], k].astype("float32"), axis=k), name=MATMUL_BLOCK)
+        if x.dtype == "float32":
+            return acc
+        return te.compute(acc.shape, lambda *i: acc[i].astype(x.dtype), name="q4_matmul_cast")
 
     return op.tensor_expr_op(compute, name, [x, q_weight, q_scale])
 
