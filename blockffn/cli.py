@@ -185,24 +185,28 @@ def eval_cmd(model_dir, text_file, seq_len, max_tokens, sparse, quantization, ar
     if artifact_dir and (model_dir or quantization or sparse):
         raise BlockFFNError("--artifact evaluates the compiled artifact; drop --model/--quantization/--sparse")
     source = artifact_dir if artifact_dir else _model_dir(model_dir)
+    if artifact_dir:  # validate the folder before reading anything from it
+        from blockffn.artifacts.reader import open_artifact
+
+        model, eos = None, open_artifact(artifact_dir).config.eos_token_id
+    else:
+        model = load_model(source, dtype="float32")
+        eos = model.config.eos_token_id
     tok = load_tokenizer(source)
     docs = read_documents(text_file)
     if not docs:
         raise BlockFFNError(f"{text_file}: no text found")
     n_bytes = sum(len(d.encode()) + 1 for d in docs)
+    split = pack([e.ids for e in tok.encode_batch(docs)], eos)
     if artifact_dir:
-        from blockffn.artifacts.reader import open_artifact
         from blockffn.runtime.artifact_eval import evaluate_artifact
 
-        split = pack([e.ids for e in tok.encode_batch(docs)], open_artifact(artifact_dir).config.eos_token_id)
         r = evaluate_artifact(artifact_dir, split, seq_len, max_tokens, bytes_per_token=n_bytes / len(split.tokens))
     else:
-        model = load_model(source, dtype="float32")
         if quantization:
             from blockffn.compiler.quantization import SCHEMES, fake_quantize_model
 
             fake_quantize_model(model, SCHEMES[quantization])
-        split = pack([e.ids for e in tok.encode_batch(docs)], model.config.eos_token_id)
         r = evaluate(model, split, seq_len, max_tokens, bytes_per_token=n_bytes / len(split.tokens), sparse=sparse)
     model_dir = source
     if as_json:
