@@ -12,6 +12,7 @@ import torch
 
 from blockffn import default_model_path
 from blockffn.artifacts.reader import open_artifact
+from blockffn.artifacts.verify import verify_artifact
 from blockffn.compiler.compile import CompileOptions, compile_model
 from blockffn.compiler.quantization import SCHEMES, fake_quantize_model
 from blockffn.data.prepare import load_tokenizer, pack, read_documents
@@ -104,6 +105,7 @@ def test_manifest_records_the_scheme_and_mlc_names(artifacts):
     assert params["model.layers.0.mlp.router_proj.weight"]["dtype"] == "float16"
     assert "model.layers.0.mlp.up_proj" not in params
     assert art.chat_config["quantization"] == "q4f16_1"
+    assert any(line.startswith("metadata  ok") for line in verify_artifact(artifacts["q4f16_1"]))
 
 
 def test_perplexity_through_the_q4_artifact_rises_at_most_5_percent(artifacts, heldout):

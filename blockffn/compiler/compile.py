@@ -194,8 +194,13 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
                 executable.export_library(str(tmp / lib_name))
         with timer("weights"):
             sd = model.state_dict()
-            if scheme is not None:
-                tensors = library_tensors(sd, cfg, scheme)
+            if scheme is not None:  # in the library's parameter order (the tensor cache follows it)
+                quantized = library_tensors(sd, cfg, scheme)
+                mismatch = set(quantized) ^ {p["name"] for p in params_meta}
+                if mismatch:
+                    raise BlockFFNError(f"internal: tensors {sorted(mismatch)} differ between the quantized weights "
+                                        f"and the library's parameters")
+                tensors = {p["name"]: quantized[p["name"]] for p in params_meta}
             else:
                 tensors = {p["name"]: to_numpy(to_library_layout(p["name"], sd[p["name"]]), dtype)
                            for p in params_meta}
