@@ -2,7 +2,8 @@
 
     python benchmarks/gpu_check.py REF.npz SPARSE_ARTIFACT [DENSE_ARTIFACT] [--json OUT]
 
-REF.npz (made by ``--make-ref MODEL_DIR REF.npz`` on any machine with torch) holds a prompt, the PyTorch fp32
+REF.npz (made by ``--make-ref MODEL_DIR REF.npz [--quantization q4f16_1]`` on any machine with torch; with
+``--quantization`` the reference model holds the q4 artifact's exact weights, fake-quantized) holds a prompt, the PyTorch fp32
 logits of its last token, 32 greedy tokens and the logits of each decode step.  On a machine that has only TVM's
 runtime (``TVM_USE_RUNTIME_LIB=1``), the CUDA runtime plugin is loaded by hand first.
 """
@@ -34,12 +35,16 @@ def load_cuda_runtime() -> None:
                 mode=ctypes.RTLD_GLOBAL)
 
 
-def make_ref(model_dir: str, out: str, n_decode: int = 32) -> None:
+def make_ref(model_dir: str, out: str, n_decode: int = 32, quantization: str | None = None) -> None:
     import torch
 
     from blockffn.model import load_model
 
     model = load_model(model_dir)
+    if quantization:
+        from blockffn.compiler.quantization import SCHEMES, fake_quantize_model
+
+        fake_quantize_model(model, SCHEMES[quantization])
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(0, model.config.vocab_size, 48)]
     ids = list(prompt)
@@ -79,10 +84,11 @@ def main() -> None:
     ap.add_argument("ref")
     ap.add_argument("artifacts", nargs="*")
     ap.add_argument("--make-ref", metavar="MODEL_DIR")
+    ap.add_argument("--quantization", choices=["q4f16_1", "q4f32_1"], help="--make-ref with fake-quantized weights")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.make_ref:
-        make_ref(args.make_ref, args.ref)
+        make_ref(args.make_ref, args.ref, quantization=args.quantization)
         return
     load_cuda_runtime()
     results = [check(args.ref, a, os.path.basename(a.rstrip("/"))) for a in args.artifacts]

@@ -227,25 +227,51 @@ def train_draft_cmd(target_dir, texts, more_texts, output, steps, time_budget, l
 @click.option("--seq-len", default=256, show_default=True)
 @click.option("--max-tokens", type=int, default=None, help="Evaluate at most this many tokens.")
 @click.option("--sparse", is_flag=True, help="Use the union-sparse FFN (same numbers up to rounding).")
+@click.option("--quantization", type=click.Choice(["q4f16_1", "q4f32_1"]), default=None,
+              help="Evaluate the PyTorch model with these group-quantized (fake-quantized) weights.")
+@click.option("--artifact", "artifact_dir", type=click.Path(path_type=Path), default=None,
+              help="Evaluate a compiled artifact instead: ppl/bpb through the TVM library (plain causal windows), "
+                   "TLS/CLS through its weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_cmd(model_dir, text_file, seq_len, max_tokens, sparse, as_json) -> None:
-    """Perplexity, bits per byte, TLS, CLS_s (s = 1..64) and reuse ratio on a text file."""
+def eval_cmd(model_dir, text_file, seq_len, max_tokens, sparse, quantization, artifact_dir, as_json) -> None:
+    """Perplexity, bits per byte, TLS, CLS_s (s = 1..64) and reuse ratio on a text file.
+
+    Example: blockffn eval --artifact dist/blockffn-tiny-q4f16_1-cpu --text heldout.txt --max-tokens 2048
+    """
     from blockffn.data.prepare import load_tokenizer, pack, read_documents
     from blockffn.model import load_model
     from blockffn.train.evaluate import evaluate
 
-    model_dir = _model_dir(model_dir)
-    model = load_model(model_dir, dtype="float32")
-    tok = load_tokenizer(model_dir)
+    if artifact_dir and (model_dir or quantization or sparse):
+        raise BlockFFNError("--artifact evaluates the compiled artifact; drop --model/--quantization/--sparse")
+    source = artifact_dir if artifact_dir else _model_dir(model_dir)
+    if artifact_dir:  # validate the folder before reading anything from it
+        from blockffn.artifacts.reader import open_artifact
+
+        model, eos = None, open_artifact(artifact_dir).config.eos_token_id
+    else:
+        model = load_model(source, dtype="float32")
+        eos = model.config.eos_token_id
+    tok = load_tokenizer(source)
     docs = read_documents(text_file)
     if not docs:
         raise BlockFFNError(f"{text_file}: no text found")
-    split = pack([e.ids for e in tok.encode_batch(docs)], model.config.eos_token_id)
     n_bytes = sum(len(d.encode()) + 1 for d in docs)
-    r = evaluate(model, split, seq_len, max_tokens, bytes_per_token=n_bytes / len(split.tokens), sparse=sparse)
+    split = pack([e.ids for e in tok.encode_batch(docs)], eos)
+    if artifact_dir:
+        from blockffn.runtime.artifact_eval import evaluate_artifact
+
+        r = evaluate_artifact(artifact_dir, split, seq_len, max_tokens, bytes_per_token=n_bytes / len(split.tokens))
+    else:
+        if quantization:
+            from blockffn.compiler.quantization import SCHEMES, fake_quantize_model
+
+            fake_quantize_model(model, SCHEMES[quantization])
+        r = evaluate(model, split, seq_len, max_tokens, bytes_per_token=n_bytes / len(split.tokens), sparse=sparse)
+    model_dir = source
     if as_json:
         out = {"ppl": r["ppl"], "bpb": r["bpb"], "tls": r["tls"], "cls": r["cls"], "reuse": r["reuse"],
-               "loss": r["loss"], "tokens": r["tokens"],
+               "loss": r["loss"], "tokens": r["tokens"], "quantization": quantization or r.get("quantization"),
                "per_layer": {k: ({s: _floats(v2) for s, v2 in v.items()} if isinstance(v, dict) else _floats(v))
                              for k, v in r["per_layer"].items()}}
         click.echo(json.dumps(out))
@@ -458,8 +484,10 @@ def _compile_options(f):
         click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
                      help="Model folder (default: the bundled model)."),
         click.option("--target", default="cpu", show_default=True, help="Target preset (see --list-targets)."),
-        click.option("--dtype", "quantization", type=click.Choice(["q0f32", "q0f16", "q0bf16"]), default="q0f32",
-                     show_default=True, help="Weight storage / compute dtype."),
+        click.option("--dtype", "--quantization", "quantization",
+                     type=click.Choice(["q0f32", "q0f16", "q0bf16", "q4f16_1", "q4f32_1"]), default="q0f32",
+                     show_default=True, help="Weight storage / compute dtype; q4*: 4-bit group quantization "
+                                             "(MLC q_weight/q_scale) with an fp16 / fp32 scale and compute dtype."),
         click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
                      help="Artifact folder (default: dist/<model>-<dtype>-<target>), or a library file NAME.so|.tar|.dylib "
                           "for the model library alone (.tar: objects to link on the device)."),

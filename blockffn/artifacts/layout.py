@@ -10,7 +10,9 @@ LEGACY_TENSOR_CACHE = "ndarray-cache.json"  # runtimes from before Sept 2025 loo
 MANIFEST = "blockffn-manifest.json"
 MLC_CHAT_CONFIG_VERSION = "0.1.0"
 
-QUANTIZATIONS = {"q0f32": "float32", "q0f16": "float16", "q0bf16": "bfloat16"}
+# --dtype name -> model (compute) dtype; q4* are group-quantized (blockffn.compiler.quantization)
+QUANTIZATIONS = {"q0f32": "float32", "q0f16": "float16", "q0bf16": "bfloat16", "q4f16_1": "float16",
+                 "q4f32_1": "float32"}
 
 
 def storage_dtype(quantization: str) -> str:

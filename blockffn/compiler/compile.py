@@ -122,7 +122,7 @@ class BuiltLibrary:
 
 
 def build_library(opts: CompileOptions, cfg, preset, target, dtype: str, context: int, prefill_chunk: int,
-                  prefix: str | None, timer: "PhaseTimer") -> BuiltLibrary:
+                  prefix: str | None, timer: "PhaseTimer", scheme=None) -> BuiltLibrary:
     """Relax model -> blockffn pipeline (sparse lowering, schedules, metadata) -> VM executable for ``target``."""
     import tvm
     import tvm_ffi
@@ -135,11 +135,11 @@ def build_library(opts: CompileOptions, cfg, preset, target, dtype: str, context
 
         configure_cuda_build(str(target.arch).removeprefix("sm_"))
     with timer("export"):
-        mod, named_params, _ = export_model(cfg, dtype, target)
+        mod, named_params, _ = export_model(cfg, dtype, target, scheme)
         mod = library_funcs.add_logit_processors(mod, target)
         mod = library_funcs.add_softmax_with_temperature(mod)
         mod = library_funcs.add_alloc_embedding_tensor(mod, prefill_chunk, cfg.hidden_size, dtype)
-    params_meta = [{"name": n, "shape": [int(s) for s in p.shape], "dtype": dtype, "preprocs": [],
+    params_meta = [{"name": n, "shape": [int(s) for s in p.shape], "dtype": str(p.dtype), "preprocs": [],
                     "pipeline_stages": [0]} for n, p in named_params]
     kv_layout = cache_layout(cfg)
     metadata = {
@@ -202,10 +202,12 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
     import tvm_ffi
 
     from blockffn.compiler.library_output import check_library_output, library_exporter, write_library
+    from blockffn.compiler.quantization import Q4_EXPERT_LAYOUT, library_tensors, scheme_for
     from blockffn.compiler.relax_model import DOWN_PROJ_TRANSPOSED, to_library_layout
 
     preset = get_target(opts.target)
     dtype = layout.storage_dtype(opts.quantization)
+    scheme = scheme_for(opts.quantization)
     model_dir = Path(opts.model_dir)
     name = _safe_name(model_dir.resolve().name)
     output = Path(opts.output) if opts.output else Path("dist") / f"{name}-{opts.quantization}-{preset.name}"
@@ -241,7 +243,9 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
                        "host_triple": preset.host_triple,
                        "device": preset.device},
             "quantization": opts.quantization, "dtype": dtype,
-            "weight_layout": {"names": "official HF names", "transforms": [DOWN_PROJ_TRANSPOSED]},
+            "quantization_scheme": scheme.manifest() if scheme is not None else None,
+            "weight_layout": {"names": "official HF names",
+                              "transforms": [Q4_EXPERT_LAYOUT if scheme is not None else DOWN_PROJ_TRANSPOSED]},
             "library": lib_name,
             "system_lib_prefix": prefix,
             "passes": pass_names,
@@ -260,7 +264,7 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
     from blockffn.artifacts.deploy import deploy_text
 
     if suffix:
-        built = build_library(opts, cfg, preset, target, dtype, context, prefill_chunk, prefix, timer)
+        built = build_library(opts, cfg, preset, target, dtype, context, prefill_chunk, prefix, timer, scheme)
         manifest = manifest_for(built.functions, built.pass_names, built.metadata, built.metadata["params"])
         with timer("export_library"):
             note = write_library(built.executable, output, fcompile, deploy_text(preset, manifest, library_only=True),
@@ -270,13 +274,22 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
                 "memory_usage": built.metadata["memory_usage"]}
 
     with atomic_output_dir(output, overwrite=opts.overwrite) as tmp:
-        built = build_library(opts, cfg, preset, target, dtype, context, prefill_chunk, prefix, timer)
+        built = build_library(opts, cfg, preset, target, dtype, context, prefill_chunk, prefix, timer, scheme)
         params_meta = built.metadata["params"]
         with timer("export_library"):
             built.executable.export_library(str(tmp / lib_name), **({"fcompile": fcompile} if fcompile else {}))
         with timer("weights"):
             sd = model.state_dict()
-            tensors = {p["name"]: to_numpy(to_library_layout(p["name"], sd[p["name"]]), dtype) for p in params_meta}
+            if scheme is not None:  # in the library's parameter order (the tensor cache follows it)
+                quantized = library_tensors(sd, cfg, scheme)
+                mismatch = set(quantized) ^ {p["name"] for p in params_meta}
+                if mismatch:
+                    raise BlockFFNError(f"internal: tensors {sorted(mismatch)} differ between the quantized weights "
+                                        f"and the library's parameters")
+                tensors = {p["name"]: quantized[p["name"]] for p in params_meta}
+            else:
+                tensors = {p["name"]: to_numpy(to_library_layout(p["name"], sd[p["name"]]), dtype)
+                           for p in params_meta}
             for p in params_meta:
                 if list(tensors[p["name"]].shape) != p["shape"]:
                     raise BlockFFNError(f"internal: {p['name']} has shape {list(tensors[p['name']].shape)} but the "

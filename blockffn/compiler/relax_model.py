@@ -19,6 +19,8 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
+from blockffn.compiler.quantization import GroupQuant
+from blockffn.compiler.relax_quant import QEmbedding, QExperts, QLinear, down_index, q4_matmul, up_index
 from blockffn.model.config import BlockFFNConfig
 
 BLOCKFFN_SUBROUTINE = "BlockFFN"  # prefix of the Relax functions that hold one BlockFFN layer
@@ -43,6 +45,13 @@ def cache_layout(cfg: BlockFFNConfig) -> dict:
             "rotary_dim": cfg.gqa_head_dim}
 
 
+def linear(in_features: int, out_features: int, dtype: str, scheme: GroupQuant | None = None) -> nn.Module:
+    """A bias-free linear layer: nn.Linear, or its q4 twin when the model is group-quantized."""
+    if scheme is not None:
+        return QLinear(in_features, out_features, scheme)
+    return nn.Linear(in_features, out_features, bias=False, dtype=dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype: str):
         self.weight = nn.Parameter((dim,), dtype)
@@ -56,38 +65,57 @@ class BlockFFN(nn.Module):
     """ReLU router -> RMSNorm gate over experts -> non-gated SiLU experts (block_linear layout), dense.
 
     ``forward`` emits a call to a private Relax function named ``BlockFFN*`` that takes (x, router weight,
-    router-norm weight, up_proj, down_proj).  nn's own ``define_subroutine`` cannot be used: with
+    router-norm weight, up_proj, down_proj), or with a q4 ``scheme`` (x, router weight, router-norm weight,
+    up q_weight, up q_scale, down q_weight, down q_scale); the router always stays in full precision.  nn's own ``define_subroutine`` cannot be used: with
     ``param_mode="packed"`` the weights are dataflow variables, which may not become function parameters.
     """
 
     _cache: dict = {}
 
-    def __init__(self, cfg: BlockFFNConfig, dtype: str):
+    def __init__(self, cfg: BlockFFNConfig, dtype: str, scheme: GroupQuant | None = None):
         self.E, self.De, self.d = cfg.num_experts, cfg.expert_size, cfg.hidden_size
         self.router_proj = nn.Linear(self.d, self.E, bias=False, dtype=dtype)
         self.router_norm = RMSNorm(self.E, cfg.rms_norm_eps, dtype)
+        self.scheme = scheme
+        if scheme is not None:  # expert-major q4 slabs: up [E, De, d/8], down [E, d, De/8]
+            self.up_proj = QExperts(self.E, self.De, self.d, scheme)
+            self.down_proj = QExperts(self.E, self.d, self.De, scheme)
+            return
         self.up_proj = nn.Parameter((self.E * self.De, self.d), dtype)  # HF layout: expert e = rows e*De..
         # Stored transposed (see DOWN_PROJ_TRANSPOSED): [E*De, d], so each expert is one contiguous [De, d] slab
         # for both projections and a gathered expert is a single contiguous read.
         self.down_proj = nn.Parameter((self.E * self.De, self.d), dtype)
 
-    def dense(self, x: Tensor, w_router: Tensor, w_norm: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+    def dense(self, x: Tensor, w_router: Tensor, w_norm: Tensor, *experts: Tensor) -> Tensor:
         b, s, _ = x.shape
+        E, De, d = self.E, self.De, self.d
         a0 = op.matmul(x, op.permute_dims(w_router))  # [b, s, E] router logits
         gate = op.rms_norm(op.relu(a0), w_norm, axes=[-1], epsilon=self.router_norm.eps)  # 0 where a0 <= 0
-        h = op.silu(op.matmul(x, op.permute_dims(w_up)))  # [b, s, E*De]
-        h = op.reshape(op.reshape(h, (b, s, self.E, self.De)) * op.reshape(gate, (b, s, self.E, 1)),
-                       (b, s, self.E * self.De))
-        return op.matmul(h, w_down)
+        if self.scheme is None:
+            w_up, w_down = experts
+            h = op.silu(op.matmul(x, op.permute_dims(w_up)))  # [b, s, E*De]
+        else:
+            up_q, up_s, down_q, down_s = experts
+            h = op.silu(q4_matmul(x, up_q, up_s, E * De, d, up_index(De), name="q4_expert_up"))
+        h = op.reshape(op.reshape(h, (b, s, E, De)) * op.reshape(gate, (b, s, E, 1)), (b, s, E * De))
+        if self.scheme is None:
+            return op.matmul(h, w_down)
+        return q4_matmul(h, down_q, down_s, d, E * De, down_index(De), name="q4_expert_down")
+
+    def _expert_args(self) -> tuple[list, list[str]]:
+        if self.scheme is None:
+            return [self.up_proj._expr, self.down_proj._expr], ["up_proj", "down_proj"]
+        return ([self.up_proj.q_weight._expr, self.up_proj.q_scale._expr, self.down_proj.q_weight._expr,
+                 self.down_proj.q_scale._expr], ["up_q_weight", "up_q_scale", "down_q_weight", "down_q_scale"])
 
     def forward(self, x: Tensor) -> Tensor:
         bb = relax.BlockBuilder.current()
-        args = [x._expr, self.router_proj.weight._expr, self.router_norm.weight._expr, self.up_proj._expr,
-                self.down_proj._expr]
+        expert_args, expert_names = self._expert_args()
+        args = [x._expr, self.router_proj.weight._expr, self.router_norm.weight._expr, *expert_args]
         key = (id(bb), tvm_ffi.structural_hash(relax.TupleType([a.ty for a in args]), map_free_vars=True))
         gvar = BlockFFN._cache.get(key)
         if gvar is None:
-            names = ["x", "router_proj_weight", "router_norm_weight", "up_proj", "down_proj"]
+            names = ["x", "router_proj_weight", "router_norm_weight", *expert_names]
             params = [relax.Var(n, a.ty) for n, a in zip(names, args)]
             with bb.function(BLOCKFFN_SUBROUTINE, params, private=True):
                 with bb.dataflow():
@@ -104,8 +132,8 @@ class SingleBlockFFN(nn.Module):
     """One BlockFFN layer with two entry points, ``dense`` and ``sparse``, over the same weights: after
     LowerBlockFFNSparse(["sparse"]) they are the two lowerings of one layer (used by tests and benchmarks)."""
 
-    def __init__(self, cfg: BlockFFNConfig, dtype: str = "float32"):
-        self.mlp = BlockFFN(cfg, dtype)
+    def __init__(self, cfg: BlockFFNConfig, dtype: str = "float32", scheme: GroupQuant | None = None):
+        self.mlp = BlockFFN(cfg, dtype, scheme)
         self.hidden, self.dtype = cfg.hidden_size, dtype
 
     def dense(self, x: Tensor) -> Tensor:
@@ -123,20 +151,20 @@ class SingleBlockFFN(nn.Module):
 
 
 class MLAAttention(nn.Module):
-    def __init__(self, cfg: BlockFFNConfig, layer_id: int, dtype: str):
+    def __init__(self, cfg: BlockFFNConfig, layer_id: int, dtype: str, scheme: GroupQuant | None = None):
         self.layer_id = layer_id
         self.h, self.nope, self.rope, self.v = (cfg.num_attention_heads, cfg.qk_nope_head_dim,
                                                 cfg.qk_rope_head_dim, cfg.v_head_dim)
         self.kv_lora = cfg.kv_lora_rank
         self.head_dim = self.nope + self.rope  # cache head size (v padded up to it)
         d = cfg.hidden_size
-        self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=False, dtype=dtype)
+        self.q_a_proj = linear(d, cfg.q_lora_rank, dtype, scheme)
         self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6, dtype)
-        self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.h * self.head_dim, bias=False, dtype=dtype)
-        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora + self.rope, bias=False, dtype=dtype)
+        self.q_b_proj = linear(cfg.q_lora_rank, self.h * self.head_dim, dtype, scheme)
+        self.kv_a_proj_with_mqa = linear(d, self.kv_lora + self.rope, dtype, scheme)
         self.kv_a_layernorm = RMSNorm(self.kv_lora, 1e-6, dtype)
-        self.kv_b_proj = nn.Linear(self.kv_lora, self.h * (self.nope + self.v), bias=False, dtype=dtype)
-        self.o_proj = nn.Linear(self.h * self.v, d, bias=False, dtype=dtype)
+        self.kv_b_proj = linear(self.kv_lora, self.h * (self.nope + self.v), dtype, scheme)
+        self.o_proj = linear(self.h * self.v, d, dtype, scheme)
 
     def forward(self, x: Tensor, kv: PagedKVCache) -> Tensor:
         b, s, _ = x.shape
@@ -158,14 +186,14 @@ class MLAAttention(nn.Module):
 
 
 class GQAAttention(nn.Module):
-    def __init__(self, cfg: BlockFFNConfig, layer_id: int, dtype: str):
+    def __init__(self, cfg: BlockFFNConfig, layer_id: int, dtype: str, scheme: GroupQuant | None = None):
         self.layer_id = layer_id
         self.h, self.kvh, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.gqa_head_dim
         d = cfg.hidden_size
-        self.q_proj = nn.Linear(d, self.h * self.head_dim, bias=False, dtype=dtype)
-        self.k_proj = nn.Linear(d, self.kvh * self.head_dim, bias=False, dtype=dtype)
-        self.v_proj = nn.Linear(d, self.kvh * self.head_dim, bias=False, dtype=dtype)
-        self.o_proj = nn.Linear(self.h * self.head_dim, d, bias=False, dtype=dtype)
+        self.q_proj = linear(d, self.h * self.head_dim, dtype, scheme)
+        self.k_proj = linear(d, self.kvh * self.head_dim, dtype, scheme)
+        self.v_proj = linear(d, self.kvh * self.head_dim, dtype, scheme)
+        self.o_proj = linear(self.h * self.head_dim, d, dtype, scheme)
 
     def forward(self, x: Tensor, kv: PagedKVCache) -> Tensor:
         b, s, _ = x.shape
@@ -178,12 +206,12 @@ class GQAAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: BlockFFNConfig, layer_id: int, dtype: str):
+    def __init__(self, cfg: BlockFFNConfig, layer_id: int, dtype: str, scheme: GroupQuant | None = None):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         attn = MLAAttention if cfg.attention_type == "mla" else GQAAttention
-        self.self_attn = attn(cfg, layer_id, dtype)
+        self.self_attn = attn(cfg, layer_id, dtype, scheme)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = BlockFFN(cfg, dtype)
+        self.mlp = BlockFFN(cfg, dtype, scheme)
         self.residual_scale = cfg.residual_scale
 
     def forward(self, h: Tensor, kv: PagedKVCache) -> Tensor:
@@ -192,21 +220,23 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: BlockFFNConfig, dtype: str):
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, i, dtype) for i in range(cfg.num_hidden_layers)])
+    def __init__(self, cfg: BlockFFNConfig, dtype: str, scheme: GroupQuant | None = None):
+        self.embed_tokens = (QEmbedding(cfg.vocab_size, cfg.hidden_size, scheme) if scheme is not None
+                             else nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype))
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i, dtype, scheme) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
 
 class RelaxBlockFFN(nn.Module):
     """The compiled model: the MLC-LLM function set over a paged KV cache."""
 
-    def __init__(self, cfg: BlockFFNConfig, dtype: str = "float32"):
+    def __init__(self, cfg: BlockFFNConfig, dtype: str = "float32", scheme: GroupQuant | None = None):
         self.cfg = cfg
         self.dtype = dtype
-        self.model = Backbone(cfg, dtype)
+        self.scheme = scheme
+        self.model = Backbone(cfg, dtype, scheme)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+            self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, dtype, scheme)
 
     # ------------------------------------------------------------------------------------------- pieces
     def _hidden(self, h: Tensor, kv: PagedKVCache) -> Tensor:
@@ -216,7 +246,9 @@ class RelaxBlockFFN(nn.Module):
 
     def _logits(self, hidden: Tensor) -> Tensor:
         hidden = hidden * (1.0 / self.cfg.logit_input_scale)
-        if self.cfg.tie_word_embeddings:
+        if self.cfg.tie_word_embeddings and self.scheme is not None:
+            logits = self.model.embed_tokens.lm_logits(hidden)
+        elif self.cfg.tie_word_embeddings:
             logits = op.matmul(hidden, op.permute_dims(self.model.embed_tokens.weight))
         else:
             logits = self.lm_head(hidden)
@@ -338,10 +370,10 @@ class _TIRPagedKVCache(TIRPagedKVCache, _TreeAttentionOrderFix):
     between TIRPagedKVCache and PagedKVCache, where the call expression is handed over)."""
 
 
-def export_model(cfg: BlockFFNConfig, dtype: str, target) -> tuple:
-    """(IRModule, [(param name, nn.Parameter)]) for the given config, storage dtype and target."""
+def export_model(cfg: BlockFFNConfig, dtype: str, target, scheme: GroupQuant | None = None) -> tuple:
+    """(IRModule, [(param name, nn.Parameter)]) for the given config, storage dtype, target and q4 scheme."""
     BlockFFN._cache.clear()  # subroutines are per export (BlockBuilder ids can be reused)
-    model = RelaxBlockFFN(cfg, dtype)
+    model = RelaxBlockFFN(cfg, dtype, scheme)
     model._target = target
     mod, named_params, ext_mods = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     return mod, named_params, ext_mods

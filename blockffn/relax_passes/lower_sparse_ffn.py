@@ -11,6 +11,10 @@ function named in ``functions`` (e.g. ``decode``, ``batch_verify``) this pass re
     h    = up(x, gate, up, idx, count)      (TIR: gathered up-projection, SiLU, per-token gate)
     y    = down(h, down_t, idx, count)      (TIR: gathered down-projection, fp32 accumulation)
 
+With q4 expert weights (7 parameters: ``x, router, router_norm, up_q, up_s, down_q, down_s``, see
+`blockffn.compiler.quantization`) the twin calls the q4 kernels of ``blockffn.schedules.sparse_q4`` instead,
+which dequantize each gathered expert slab in their inner loop; the router stays in full precision.
+
 Calls from other functions keep the dense body, so one module can mix policies (dense prefill, sparse decode).
 A module without BlockFFN functions passes through unchanged.
 """
@@ -30,7 +34,7 @@ def blockffn_functions(mod: tvm.IRModule) -> dict:
     """GlobalVars of the dense BlockFFN subroutines in ``mod``."""
     return {gv: f for gv, f in mod.functions.items()
             if isinstance(f, relax.Function) and gv.name_hint.startswith(BLOCKFFN_SUBROUTINE)
-            and not gv.name_hint.endswith(SPARSE_SUFFIX) and len(f.params) == 5}
+            and not gv.name_hint.endswith(SPARSE_SUFFIX) and len(f.params) in (5, 7)}
 
 
 @visitor
@@ -65,19 +69,34 @@ def _kernels(family: str, E: int, De: int, d: int, dtype: str):
     raise ValueError(f"no sparse kernels for target family {family!r}")
 
 
+def _q4_kernels(family: str, E: int, De: int, d: int, dtype: str):
+    from blockffn.schedules import sparse_q4 as q4
+
+    if family not in ("cpu", "gpu"):
+        raise ValueError(f"no sparse kernels for target family {family!r}")
+    union = _kernels(family, E, De, d, dtype)[0]
+    if family == "cpu":
+        return union, q4.up_kernel_cpu(E, De, d, dtype), q4.down_kernel_cpu(E, De, d, dtype)
+    return union, q4.up_kernel_gpu(E, De, d, dtype), q4.down_kernel_gpu(E, De, d, dtype)
+
+
 def _build_sparse_twin(bb: relax.BlockBuilder, name: str, dense: relax.Function, family: str) -> tvm.ir.GlobalVar:
-    x_ty, router_ty, _, up_ty, _ = [p.ty for p in dense.params]
+    x_ty, router_ty, _, up_ty = [p.ty for p in dense.params[:4]]
     E, d = (int(v) for v in router_ty.shape)
-    De = int(up_ty.shape[0]) // E
+    quantized = len(dense.params) == 7
+    De = int(up_ty.shape[1]) if quantized else int(up_ty.shape[0]) // E
     dtype = x_ty.dtype
     eps = _router_eps(dense)
     # kernels are private (no global_symbol) so the same kernel added for several layers' twins is deduplicated
-    f_union, f_up, f_down = (f.without_attr("global_symbol") for f in _kernels(family, E, De, d, dtype))
+    kernels = (_q4_kernels if quantized else _kernels)(family, E, De, d, dtype)
+    f_union, f_up, f_down = (f.without_attr("global_symbol") for f in kernels)
+    kind = "_q4" if quantized else ""
     gv_union = bb.add_func(f_union, f"blockffn_union_e{E}")
-    gv_up = bb.add_func(f_up, f"blockffn_sparse_up_e{E}_de{De}_d{d}_{dtype}")
-    gv_down = bb.add_func(f_down, f"blockffn_sparse_down_e{E}_de{De}_d{d}_{dtype}")
+    gv_up = bb.add_func(f_up, f"blockffn_sparse_up{kind}_e{E}_de{De}_d{d}_{dtype}")
+    gv_down = bb.add_func(f_down, f"blockffn_sparse_down{kind}_e{E}_de{De}_d{d}_{dtype}")
     params = [relax.Var(p.name, p.ty) for p in dense.params]
-    x, w_router, w_norm, w_up, w_down = params
+    x, w_router, w_norm = params[:3]
+    w_up, w_down = (params[3:5], params[5:7]) if quantized else ([params[3]], [params[4]])
     b, s = x_ty.shape[0], x_ty.shape[1]
     with bb.function(name + SPARSE_SUFFIX, params, private=True):
         with bb.dataflow():
@@ -88,9 +107,9 @@ def _build_sparse_twin(bb: relax.BlockBuilder, name: str, dense: relax.Function,
             union = bb.emit(relax.call_tir(gv_union, [a0], [relax.TensorType((E,), "int32"),
                                                             relax.TensorType((1,), "int32")]))
             idx, count = bb.emit(relax.TupleGetItem(union, 0)), bb.emit(relax.TupleGetItem(union, 1))
-            h = bb.emit(relax.call_tir(gv_up, [x2, gate, w_up, idx, count],
+            h = bb.emit(relax.call_tir(gv_up, [x2, gate, *w_up, idx, count],
                                        relax.TensorType([n, E, De], "float32")))
-            y = bb.emit(relax.call_tir(gv_down, [h, w_down, idx, count], relax.TensorType([n, d], "float32")))
+            y = bb.emit(relax.call_tir(gv_down, [h, *w_down, idx, count], relax.TensorType([n, d], "float32")))
             if dtype != "float32":
                 y = bb.emit(relax.op.astype(y, dtype))
             out = bb.emit_output(relax.op.reshape(y, relax.ShapeExpr([b, s, d])))

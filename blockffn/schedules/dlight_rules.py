@@ -43,11 +43,13 @@ def gpu_schedule_passes(target) -> list:
 
 
 def schedule_passes(target) -> list:
-    """Schedules for the target's dense kernels: our matmul rule on CPUs (the rest is left to LLVM), dlight on GPUs."""
+    """Schedules for the target's dense kernels: on CPUs the fused q4 dequantize-matmul rule, then our matmul rule
+    (the rest is left to LLVM); dlight on GPUs."""
     if target.kind.name == "llvm":
         from tvm.s_tir import dlight as dl
 
         from blockffn.schedules.dense_cpu import DenseMatmulCPU
+        from blockffn.schedules.dense_q4_cpu import Q4MatmulCPU
 
-        return [dl.ApplyDefaultSchedule(DenseMatmulCPU())]
+        return [dl.ApplyDefaultSchedule(Q4MatmulCPU(), DenseMatmulCPU())]
     return gpu_schedule_passes(target)

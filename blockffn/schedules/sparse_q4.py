@@ -1,0 +1,174 @@
+"""Count-bounded sparse BlockFFN kernels over q4 expert weights (q4f16_1 / q4f32_1), CPU and GPU families.
+
+Same contract as ``sparse_cpu`` (union → gathered up → gathered down, slots past ``count`` skipped), but the
+expert weights are MLC's expert-major q4 slabs, dequantized inside the inner loop (never stored in full
+precision): ``up_q [E, De, d/8]`` / ``up_s [E, De, d/32]`` and ``down_q [E, d, De/8]`` / ``down_s [E, d, De/32]``,
+value ``(nibble − 7)·scale``, nibble ``j`` of a word at bits ``4·(j % 8)``.  Products are accumulated in fp32
+(the dequantized value ``(q − 7)·scale`` is exact in fp32 for fp16 scales).
+
+CPU: one uint32 word decodes into an 8-lane vector (a per-lane shift), so the up kernel dequantizes one expert
+row into a thread-local fp32 row and reuses it for every token of the call; the down kernel decodes one
+``De``-long row per (output feature, active expert) and dots it with each token's hidden slice.
+GPU: correctness-first, the layout of ``sparse_gpu`` (``blockIdx`` = slot / output block, ``threadIdx`` = row).
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from blockffn.compiler.quantization import BITS, GROUP_SIZE, MAX_INT, PER_WORD
+
+WPG = GROUP_SIZE // PER_WORD  # uint32 words per scale group
+
+
+def _decode(word, lane, scale):
+    """fp32 value of nibble ``lane`` of ``word`` (both TIR expressions)."""
+    code = T.bitwise_and(T.shift_right(word, T.Cast("uint32", lane * BITS)), T.uint32(0xF))
+    return (T.Cast("float32", code) - T.float32(MAX_INT)) * T.Cast("float32", scale)
+
+
+def _silu_gate(s, g):
+    return s / (T.float32(1) + T.exp(T.float32(0) - s)) * T.Cast("float32", g)
+
+
+def up_kernel_cpu(E: int, De: int, d: int, dtype: str):
+    VL = PER_WORD
+
+    @T.prim_func(s_tir=True)
+    def blockffn_sparse_up_q4(x_h: T.handle, gate_h: T.handle, q_h: T.handle, s_h: T.handle, idx_h: T.handle,
+                              cnt_h: T.handle, h_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        n_tok = T.int64()
+        x = T.match_buffer(x_h, (n_tok, d), dtype)
+        gate = T.match_buffer(gate_h, (n_tok, E), dtype)
+        q = T.match_buffer(q_h, (E, De, d // PER_WORD), "uint32")
+        sc = T.match_buffer(s_h, (E, De, d // GROUP_SIZE), dtype)
+        idx = T.match_buffer(idx_h, (E,), "int32")
+        cnt = T.match_buffer(cnt_h, (1,), "int32")
+        h = T.match_buffer(h_h, (n_tok, E, De), "float32")
+        for j in T.parallel(E):
+            with T.sblock("slot"):
+                row = T.sblock_alloc_buffer((d,), "float32", scope="local")
+                acc = T.sblock_alloc_buffer((VL,), "float32", scope="local")
+                s = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                if j < cnt[0]:
+                    for k in range(De):
+                        for w in range(d // PER_WORD):
+                            for v in T.vectorized(VL):
+                                row[w * VL + v] = _decode(q[idx[j], k, w], v, sc[idx[j], k, w // WPG])
+                        for t in range(n_tok):
+                            for v in T.vectorized(VL):
+                                acc[v] = T.float32(0)
+                            for w in range(d // VL):
+                                for v in T.vectorized(VL):
+                                    acc[v] = acc[v] + T.Cast("float32", x[t, w * VL + v]) * row[w * VL + v]
+                            s[0] = T.float32(0)
+                            for v in range(VL):
+                                s[0] = s[0] + acc[v]
+                            h[t, j, k] = _silu_gate(s[0], gate[t, idx[j]])
+
+    return blockffn_sparse_up_q4
+
+
+def down_kernel_cpu(E: int, De: int, d: int, dtype: str):
+    VL = PER_WORD
+    OB = next(v for v in (16, 8, 4, 2, 1) if d % v == 0)
+
+    @T.prim_func(s_tir=True)
+    def blockffn_sparse_down_q4(h_h: T.handle, q_h: T.handle, s_h: T.handle, idx_h: T.handle, cnt_h: T.handle,
+                                y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        n_tok = T.int64()
+        h = T.match_buffer(h_h, (n_tok, E, De), "float32")
+        q = T.match_buffer(q_h, (E, d, De // PER_WORD), "uint32")
+        sc = T.match_buffer(s_h, (E, d, De // GROUP_SIZE), dtype)
+        idx = T.match_buffer(idx_h, (E,), "int32")
+        cnt = T.match_buffer(cnt_h, (1,), "int32")
+        y = T.match_buffer(y_h, (n_tok, d), "float32")
+        for ob in T.parallel(d // OB):
+            with T.sblock("out_block"):
+                row = T.sblock_alloc_buffer((De,), "float32", scope="local")
+                acc = T.sblock_alloc_buffer((VL,), "float32", scope="local")
+                s = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                for t in range(n_tok):
+                    for o in range(OB):
+                        y[t, ob * OB + o] = T.float32(0)
+                for j in range(E):
+                    if j < cnt[0]:
+                        for o in range(OB):
+                            for w in range(De // PER_WORD):
+                                for v in T.vectorized(VL):
+                                    row[w * VL + v] = _decode(q[idx[j], ob * OB + o, w], v,
+                                                              sc[idx[j], ob * OB + o, w // WPG])
+                            for t in range(n_tok):
+                                for v in T.vectorized(VL):
+                                    acc[v] = T.float32(0)
+                                for w in range(De // VL):
+                                    for v in T.vectorized(VL):
+                                        acc[v] = acc[v] + h[t, j, w * VL + v] * row[w * VL + v]
+                                s[0] = T.float32(0)
+                                for v in range(VL):
+                                    s[0] = s[0] + acc[v]
+                                y[t, ob * OB + o] = y[t, ob * OB + o] + s[0]
+
+    return blockffn_sparse_down_q4
+
+
+def up_kernel_gpu(E: int, De: int, d: int, dtype: str):
+    @T.prim_func(s_tir=True)
+    def blockffn_sparse_up_q4_gpu(x_h: T.handle, gate_h: T.handle, q_h: T.handle, s_h: T.handle,
+                                  idx_h: T.handle, cnt_h: T.handle, h_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        n_tok = T.int64()
+        x = T.match_buffer(x_h, (n_tok, d), dtype)
+        gate = T.match_buffer(gate_h, (n_tok, E), dtype)
+        q = T.match_buffer(q_h, (E, De, d // PER_WORD), "uint32")
+        sc = T.match_buffer(s_h, (E, De, d // GROUP_SIZE), dtype)
+        idx = T.match_buffer(idx_h, (E,), "int32")
+        cnt = T.match_buffer(cnt_h, (1,), "int32")
+        h = T.match_buffer(h_h, (n_tok, E, De), "float32")
+        for j in T.thread_binding(E, thread="blockIdx.x"):
+            for k in T.thread_binding(De, thread="threadIdx.x"):
+                with T.sblock("up"):
+                    acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    if j < cnt[0]:
+                        for t in range(n_tok):
+                            acc[0] = T.float32(0)
+                            for w in range(d // PER_WORD):
+                                for v in T.unroll(PER_WORD):
+                                    acc[0] = acc[0] + T.Cast("float32", x[t, w * PER_WORD + v]) * _decode(
+                                        q[idx[j], k, w], v, sc[idx[j], k, w // WPG])
+                            h[t, j, k] = _silu_gate(acc[0], gate[t, idx[j]])
+
+    return blockffn_sparse_up_q4_gpu
+
+
+def down_kernel_gpu(E: int, De: int, d: int, dtype: str):
+    OB = next(v for v in (128, 64, 32, 16, 8, 4, 2, 1) if d % v == 0)
+
+    @T.prim_func(s_tir=True)
+    def blockffn_sparse_down_q4_gpu(h_h: T.handle, q_h: T.handle, s_h: T.handle, idx_h: T.handle,
+                                    cnt_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        n_tok = T.int64()
+        h = T.match_buffer(h_h, (n_tok, E, De), "float32")
+        q = T.match_buffer(q_h, (E, d, De // PER_WORD), "uint32")
+        sc = T.match_buffer(s_h, (E, d, De // GROUP_SIZE), dtype)
+        idx = T.match_buffer(idx_h, (E,), "int32")
+        cnt = T.match_buffer(cnt_h, (1,), "int32")
+        y = T.match_buffer(y_h, (n_tok, d), "float32")
+        for ob in T.thread_binding(d // OB, thread="blockIdx.x"):
+            for o in T.thread_binding(OB, thread="threadIdx.x"):
+                with T.sblock("down"):
+                    acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    for t in range(n_tok):
+                        acc[0] = T.float32(0)
+                        for j in range(E):
+                            if j < cnt[0]:
+                                for w in range(De // PER_WORD):
+                                    for v in T.unroll(PER_WORD):
+                                        acc[0] = acc[0] + h[t, j, w * PER_WORD + v] * _decode(
+                                            q[idx[j], ob * OB + o, w], v, sc[idx[j], ob * OB + o, w // WPG])
+                        y[t, ob * OB + o] = acc[0]
+
+    return blockffn_sparse_down_q4_gpu
