@@ -178,14 +178,14 @@ def lower_and_build(mod, metadata: dict, bounds: dict, preset, target, prefix: s
     from tvm import relax
 
     from blockffn.compiler.pipeline import build_pipeline
-    from blockffn.schedules.dlight_rules import metal_simdgroup_disabled, schedule_passes
+    from blockffn.schedules.dlight_rules import metal_simdgroup_disabled, reduction_rules_guarded, schedule_passes
 
     pipeline, pass_names = build_pipeline(target, metadata, bounds, graph_passes=list(graph_passes),
                                           schedule_passes=schedule_passes(target))
     if prefix is not None:
         mod = mod.with_attr("system_lib_prefix", prefix)
     with timer(phase + "passes"):
-        with target, metal_simdgroup_disabled(target):
+        with target, metal_simdgroup_disabled(target), reduction_rules_guarded():
             lowered = pipeline(mod)
     functions = sorted(gv.name_hint for gv, f in lowered.functions.items()
                        if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs)

@@ -163,13 +163,16 @@ class Generator:
                     break
                 root = res.tokens[-1]
                 kind, k = self._plan()
+                t_round = time.perf_counter()
                 if kind == "plain":
                     new = self._plain_step(root, res, params, rng, pending_tokens, pending_hidden)
-                    continue
-                if pending_tokens:
-                    self.drafter.accept(pending_tokens, np.stack(pending_hidden))
-                    pending_tokens, pending_hidden = [], []
-                new = self._spec_round(root, kind, k, res, params, rng)
+                else:
+                    if pending_tokens:
+                        self.drafter.accept(pending_tokens, np.stack(pending_hidden))
+                        pending_tokens, pending_hidden = [], []
+                    new = self._spec_round(root, kind, k, res, params, rng)
+                if self.policy is not None:
+                    self.policy.observe_time(kind, k, len(new), time.perf_counter() - t_round)
             res.decode_s = time.perf_counter() - t1
         finally:
             e.remove_sequence(SEQ)

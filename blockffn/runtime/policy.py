@@ -12,7 +12,10 @@ tokens a round yields; each round it picks the plan with the highest expected to
 With an EAGLE draft and ``--speculative auto`` both chains and trees are candidates: on a CPU a 32-token verify
 costs several decode steps, so short chains usually win there, while on a GPU the tree's verify is nearly free.
 
-When plain decoding wins, speculation is still probed every ``probe_every`` steps so the estimates can recover.
+Once a plan has run twice, its measured wall-clock rate (tokens emitted / seconds, a moving average) replaces the
+model: that includes the runtime's per-round work (host bookkeeping, kernel launches) that timing library calls
+alone misses, which decides the outcome for small models on GPUs.  When plain decoding wins, speculation is still
+probed every ``probe_every`` steps so the estimates can recover.
 """
 
 from __future__ import annotations
@@ -133,6 +136,7 @@ class SpecPolicy:
     probe_every: int = 16
     alpha: float = field(default=0.0, init=False)
     tree_len: float = field(default=0.0, init=False)
+    observed: dict = field(default_factory=dict, init=False)  # (kind, n) -> (EMA tokens/s, samples)
     _plain_streak: int = field(default=0, init=False)
 
     def __post_init__(self):
@@ -148,13 +152,21 @@ class SpecPolicy:
         return self.tree_len / (self.profile.t_tree + self.profile.verify(self.tree_size))
 
     def candidates(self) -> list:
-        """(expected tokens per second, kind, drafted tokens) of every allowed plan, plain decoding included."""
+        """(expected tokens per second, kind, drafted tokens) of every allowed plan, plain decoding included.
+        A plan measured at least twice in this run is rated by its measured wall-clock rate (which includes the
+        runtime's own per-round work that the profile of library calls does not see); others by the model."""
         out = [(1.0 / self.profile.t_decode, "plain", 0)]
         if "chain" in self.kinds:
             out += [(self.chain_rate(k), "chain", k) for k in range(1, self.max_chain + 1)]
         if "tree" in self.kinds and self.profile.t_tree > 0:
             out.append((self.tree_rate(), "tree", self.tree_size - 1))
-        return out
+        rated = []
+        for rate, kind, n in out:
+            seen = self.observed.get((kind, n))
+            if seen is not None and seen[1] >= 2:
+                rate = seen[0]
+            rated.append((rate, kind, n))
+        return rated
 
     def plan(self) -> tuple:
         rate, kind, n = max(self.candidates(), key=lambda c: c[0])
@@ -169,6 +181,14 @@ class SpecPolicy:
                 _, kind, n = max(spec, key=lambda c: c[0])
                 return kind, n
         return "plain", 0
+
+    def observe_time(self, kind: str, n: int, tokens: int, seconds: float) -> None:
+        """Wall-clock of one plain step or speculative round and the tokens it emitted."""
+        if seconds <= 0:
+            return
+        rate, count = self.observed.get((kind, n), (tokens / seconds, 0))
+        w = 0.3 if count else 1.0
+        self.observed[(kind, n)] = ((1 - w) * rate + w * tokens / seconds, count + 1)
 
     def observe(self, kind: str, drafted: int, accepted: int) -> None:
         """After a round: ``accepted`` = drafted tokens accepted (the bonus token not counted)."""

@@ -32,6 +32,35 @@ def metal_simdgroup_disabled(target):
         matmul_mod.MetalMatmul.apply = original
 
 
+@contextlib.contextmanager
+def reduction_rules_guarded():
+    """While lowering for a GPU: dlight's Reduction-family rules decline instead of raising on kernels they cannot
+    normalise.  On the 0.27 wheel ``dl.gpu.Reduction`` raises a KeyError on some fused q4 dequantize-reductions,
+    which would abort the whole build (TVM's own CUDA legalize phase runs these rules too, so the guard wraps the
+    rule classes, not just our rule list); the next rule (at worst ``Fallback``) schedules the kernel instead."""
+    from tvm.s_tir.dlight import gpu
+
+    classes = [gpu.Reduction, gpu.GeneralReduction, gpu.LowBatchGEMV, gpu.GEMV]
+    originals = {cls: cls.apply for cls in classes}
+
+    def guard(original):
+        def apply(self, func, target, tunable):
+            try:
+                return original(self, func, target, tunable)
+            except (KeyError, IndexError):
+                return None
+
+        return apply
+
+    for cls, original in originals.items():
+        cls.apply = guard(original)
+    try:
+        yield
+    finally:
+        for cls, original in originals.items():
+            cls.apply = original
+
+
 def gpu_schedule_passes(target) -> list:
     from tvm.s_tir import dlight as dl
 
