@@ -308,14 +308,21 @@ def _sampling_options(f):
     return f
 
 
-def _speculation_options(f):
+def _speculation_options(default_mode: str):
+    return lambda f: _add_speculation_options(f, default_mode)
+
+
+def _add_speculation_options(f, default_mode: str):
     opts = [
         click.option("--draft", "draft_dir", type=click.Path(path_type=Path), default=None,
                      help="Draft: an EAGLE head (ARTIFACT/draft is the default with --artifact; a MODEL/draft "
                           "folder with --model) or another compiled model artifact for chain drafts."),
-        click.option("--speculative", type=click.Choice(["auto", "off", "chain", "tree"]), default="auto",
-                     show_default=True, help="auto: EAGLE-2 tree with an EAGLE draft, chain with a draft model, "
-                                             "off without a draft."),
+        click.option("--speculative", type=click.Choice(["auto", "off", "chain", "tree"]), default=default_mode,
+                     show_default=default_mode is not None,
+                     help=("(default: auto with --draft, else off) " if default_mode is None else "")
+                     + "auto: chains or EAGLE-2 trees with an EAGLE draft (whichever measures faster, plain decoding "
+                       "when neither wins), chains with a draft model.  Sampled output is then reproducible in "
+                       "distribution, not token for token (the plans follow measured timings)."),
         click.option("--draft-len", default=0, show_default=True,
                      help="Chain length (0: chosen each round from measured costs and acceptance)."),
     ]
@@ -363,13 +370,15 @@ def _artifact(path, device: str) -> Path:
 @click.option("--sparse", is_flag=True, help="Union-sparse FFN in the PyTorch model.")
 @click.option("--ffn", type=click.Choice(["auto", "dense"]), default="auto", show_default=True,
               help="--artifact: run the library as compiled, or its dense twins (same weights).")
-@_speculation_options
+@_speculation_options(None)
 @click.option("--json", "as_json", is_flag=True, help='Print {"tokens": [...], "text": "...", "tok_per_s": ...}.')
 def generate_cmd(model_dir, artifact_dir, device, prompt, sparse, ffn, draft_dir, speculative, draft_len, as_json,
                  **sampling) -> None:
     """Generate text from a prompt, with PyTorch (--model) or a compiled artifact (--artifact); speculative decoding
     with a draft is lossless (same tokens when greedy, same distribution when sampling)."""
     params = _generation_params(**sampling)
+    if speculative is None:  # plain decoding (seed-reproducible) unless a draft is named
+        speculative = "auto" if draft_dir else "off"
     if model_dir and artifact_dir:
         raise BlockFFNError("give either --model or --artifact, not both")
     if draft_len < 0:
@@ -432,7 +441,7 @@ def _generate_pytorch(model_dir, prompt, params, sparse, draft_dir, speculative,
               help="Compiled artifact (default: the bundled model compiled for --device, cached).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @_sampling_options
-@_speculation_options
+@_speculation_options("auto")
 def chat_cmd(artifact_dir, device, draft_dir, speculative, draft_len, **sampling) -> None:
     """Interactive chat: /reset clears the conversation, /stats shows speeds, /exit leaves; Ctrl-C stops a reply."""
     from blockffn.runtime.chat import ChatSession

@@ -47,8 +47,11 @@ def test_sparse_and_dense_lowering_generate_the_same_tokens(artifact, tmp_path):
     dense = tmp_path / "dense"
     run("compile", "--ffn", "dense", "--output", dense, "--context-window", 256, "--prefill-chunk", 64)
     manifest = json.loads((artifact / "blockffn-manifest.json").read_text())
-    assert manifest["ffn"]["sparse_functions"] == ["decode", "batch_decode", "batch_verify"]
-    assert "LowerBlockFFNSparse" in manifest["passes"]
+    from blockffn.compiler.compile import AUTO_SPARSE
+
+    assert manifest["ffn"]["sparse_functions"] == list(AUTO_SPARSE)
+    assert manifest["ffn"]["dense_twins"]["decode"] == "decode_dense"
+    assert {"AddDenseTwins", "LowerBlockFFNSparse"} <= set(manifest["passes"])
     assert "LowerBlockFFNSparse" not in json.loads((dense / "blockffn-manifest.json").read_text())["passes"]
     prompt = "In the year of our Lord"
     a = json.loads(run("generate", "--artifact", dense, "--prompt", prompt, "--max-tokens", 64, "--greedy",

@@ -12,10 +12,11 @@ tokens a round yields; each round it picks the plan with the highest expected to
 With an EAGLE draft and ``--speculative auto`` both chains and trees are candidates: on a CPU a 32-token verify
 costs several decode steps, so short chains usually win there, while on a GPU the tree's verify is nearly free.
 
-Once a plan has run twice, its measured wall-clock rate (tokens emitted / seconds, a moving average) replaces the
-model: that includes the runtime's per-round work (host bookkeeping, kernel launches) that timing library calls
-alone misses, which decides the outcome for small models on GPUs.  When plain decoding wins, speculation is still
-probed every ``probe_every`` steps so the estimates can recover.
+The model picks the speculative plan; whether to speculate at all is decided, once both have run, by their measured
+wall-clock rates (tokens emitted / seconds, moving averages): those include the runtime's per-round work (host
+bookkeeping, kernel launches) that timing library calls alone misses, which decides the outcome for small models on
+GPUs.  When plain decoding wins, speculation is still probed, at most about 1/``probe_every`` of the time, so the
+estimates can recover.
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ class SpecPolicy:
     probe_every: int = 16
     alpha: float = field(default=0.0, init=False)
     tree_len: float = field(default=0.0, init=False)
-    observed: dict = field(default_factory=dict, init=False)  # (kind, n) -> (EMA tokens/s, samples)
+    observed: dict = field(default_factory=dict, init=False)  # "plain" | "spec" -> (EMA tokens/s, samples)
+    _warm: set = field(default_factory=set, init=False)
     _plain_streak: int = field(default=0, init=False)
 
     def __post_init__(self):
@@ -152,43 +154,47 @@ class SpecPolicy:
         return self.tree_len / (self.profile.t_tree + self.profile.verify(self.tree_size))
 
     def candidates(self) -> list:
-        """(expected tokens per second, kind, drafted tokens) of every allowed plan, plain decoding included.
-        A plan measured at least twice in this run is rated by its measured wall-clock rate (which includes the
-        runtime's own per-round work that the profile of library calls does not see); others by the model."""
-        out = [(1.0 / self.profile.t_decode, "plain", 0)]
+        """(modelled tokens per second, kind, drafted tokens) of every allowed plan, plain decoding included."""
+        model = [(1.0 / self.profile.t_decode, "plain", 0)]
         if "chain" in self.kinds:
-            out += [(self.chain_rate(k), "chain", k) for k in range(1, self.max_chain + 1)]
+            model += [(self.chain_rate(k), "chain", k) for k in range(1, self.max_chain + 1)]
         if "tree" in self.kinds and self.profile.t_tree > 0:
-            out.append((self.tree_rate(), "tree", self.tree_size - 1))
-        rated = []
-        for rate, kind, n in out:
-            seen = self.observed.get((kind, n))
-            if seen is not None and seen[1] >= 2:
-                rate = seen[0]
-            rated.append((rate, kind, n))
-        return rated
+            model.append((self.tree_rate(), "tree", self.tree_size - 1))
+        return model
 
     def plan(self) -> tuple:
-        rate, kind, n = max(self.candidates(), key=lambda c: c[0])
-        if kind != "plain":
+        """The model picks the best speculative plan (its acceptance estimates are what vary); whether to speculate
+        at all compares measured wall-clock rates once both plain steps and speculative rounds have run (they
+        include the per-round host work and launches that the library-call profile misses)."""
+        rated = self.candidates()
+        plain_model = rated[0][0]
+        spec = max(rated[1:], key=lambda c: c[0], default=None)
+        if spec is None:
+            return "plain", 0
+        plain_rate = self.observed["plain"][0] if self.observed.get("plain", (0, 0))[1] >= 2 else plain_model
+        spec_rate = self.observed["spec"][0] if self.observed.get("spec", (0, 0))[1] >= 2 else spec[0]
+        if spec_rate > plain_rate:
             self._plain_streak = 0
-            return kind, n
+            return spec[1], spec[2]
         self._plain_streak += 1
-        if self._plain_streak > self.probe_every:  # re-check speculation now and then
+        # probe speculation now and then, spending at most ~1/probe_every of the time on it
+        if self._plain_streak / plain_rate >= self.probe_every * (spec[2] + 1) / max(spec_rate, 1e-9):
             self._plain_streak = 0
-            spec = [c for c in self.candidates() if c[1] != "plain"]
-            if spec:
-                _, kind, n = max(spec, key=lambda c: c[0])
-                return kind, n
+            return spec[1], spec[2]
         return "plain", 0
 
     def observe_time(self, kind: str, n: int, tokens: int, seconds: float) -> None:
-        """Wall-clock of one plain step or speculative round and the tokens it emitted."""
+        """Wall-clock of one plain step or speculative round and the tokens it emitted (moving averages of the
+        plain and the speculative rate)."""
         if seconds <= 0:
             return
-        rate, count = self.observed.get((kind, n), (tokens / seconds, 0))
-        w = 0.3 if count else 1.0
-        self.observed[(kind, n)] = ((1 - w) * rate + w * tokens / seconds, count + 1)
+        key = "plain" if kind == "plain" else "spec"
+        if key not in self._warm:  # the first call of a library function pays its one-off set-up: not a sample
+            self._warm.add(key)
+            return
+        rate, count = self.observed.get(key, (tokens / seconds, 0))
+        w = 0.2 if count else 1.0
+        self.observed[key] = ((1 - w) * rate + w * tokens / seconds, count + 1)
 
     def observe(self, kind: str, drafted: int, accepted: int) -> None:
         """After a round: ``accepted`` = drafted tokens accepted (the bonus token not counted)."""
