@@ -509,6 +509,9 @@ def _compile_options(f):
         click.option("--draft", default="auto", show_default=True,
                      help="EAGLE draft head folder to build into ARTIFACT/draft (auto: MODEL/draft if present; "
                           "none: no draft)."),
+        click.option("--debug-counts", is_flag=True,
+                     help="Also export *_with_stats functions returning per-layer active-expert counts (the runtime "
+                          "and `blockffn bench` then report measured TLS and union sizes)."),
         click.option("--overwrite", is_flag=True, help="Replace an existing output folder."),
         click.option("--list-targets", is_flag=True, help="Print the target presets and exit."),
     ]
@@ -518,7 +521,7 @@ def _compile_options(f):
 
 
 def _run_compile(model_dir, target, quantization, output, context_window, prefill_chunk, max_batch_size, ffn,
-                 arch, draft, overwrite, list_targets) -> None:
+                 arch, draft, debug_counts, overwrite, list_targets) -> None:
     from blockffn.targets import list_targets as presets
 
     if list_targets:
@@ -530,7 +533,8 @@ def _run_compile(model_dir, target, quantization, output, context_window, prefil
 
     opts = CompileOptions(model_dir=_model_dir(model_dir), target=target, quantization=quantization, output=output,
                           context_window=context_window, prefill_chunk=prefill_chunk, max_batch_size=max_batch_size,
-                          overwrite=overwrite, ffn=ffn, arch=arch, draft=draft)
+                          overwrite=overwrite, ffn=ffn, arch=arch, draft=draft,
+                          debug_counts=debug_counts)
     r = compile_model(opts, log=click.echo)
     if "deploy" in r:  # library-only output
         click.echo(f"wrote {r['output']} (model library only; how to link and load it: {r['deploy']})")

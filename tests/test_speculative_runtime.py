@@ -43,7 +43,7 @@ def art(tmp_path_factory):
         draft_dir = save_draft(head, root / "draft-src")
     out = root / "art"
     compile_model(CompileOptions(model_dir=default_model_path(), output=out, context_window=512, prefill_chunk=64,
-                                 draft=str(draft_dir)), log=lambda *_: None)
+                                 draft=str(draft_dir), debug_counts=True), log=lambda *_: None)
     return out, draft_dir, target
 
 
@@ -152,6 +152,36 @@ def test_sampling_keeps_the_target_distribution(art, engines, draft, mode):
     e.reset()
     tv = 0.5 * np.abs(emp - exact).sum()
     assert tv < 0.15, tv
+
+
+def test_debug_counts_report_the_routers_measured_activity(art, engines):
+    """A --debug-counts build returns, per layer and call, the union of active experts and the active
+    (token, expert) pairs: equal to the PyTorch router's on the same tokens."""
+    _, _, target = art
+    e = engines["auto"]
+    prompt = _ids(e, PROMPTS[0])
+    chain = [int(t) for t in np.random.default_rng(5).integers(0, e.cfg.vocab_size, 6)]
+    e.reset()
+    e.add_sequence(0)
+    e.prefill(0, prompt)
+    e.collect_stats, e.stats_log = True, []
+    try:
+        e.batch_verify(0, chain, list(range(-1, len(chain) - 1)))
+        e.commit_tree(0, -1)
+        e.decode(0, chain[0])
+    finally:
+        e.collect_stats = False
+        e.reset()
+    verify, decode = e.stats_log
+    assert verify["function"] == "batch_verify_with_stats" and verify["tokens"] == len(chain)
+    with torch.no_grad():
+        a0 = target(torch.tensor([prompt + chain])).router_logits
+    for layer, logits in enumerate(a0):
+        active = (logits[0, len(prompt):] > 0).numpy()
+        assert verify["counts"][layer].tolist() == [int(active.any(0).sum()), int(active.sum())]
+        assert decode["counts"][layer].tolist() == [int(active[0].sum()), int(active[0].sum())]
+    obs = e.observed_sparsity()
+    assert 0 <= obs["verify"]["tls"] <= 1 and obs["verify"]["mean_union"] >= obs["decode"]["mean_union"] - 1e-9
 
 
 def test_errors_are_one_line(art, engines, tmp_path, monkeypatch):

@@ -31,6 +31,7 @@ class CompileOptions:
     ffn: str = "auto"  # dense | sparse | auto
     arch: str | None = None  # CUDA SM override, e.g. sm_87
     draft: str | None = "auto"  # EAGLE draft head folder; auto: MODEL/draft when present; none: no draft
+    debug_counts: bool = False  # also export *_with_stats (per-layer active-expert counts) for observability
 
 
 MODEL_FUNCTIONS = ("prefill", "decode", "batch_prefill", "batch_decode", "batch_verify",
@@ -40,6 +41,7 @@ MODEL_FUNCTIONS = ("prefill", "decode", "batch_prefill", "batch_decode", "batch_
 # speculative verification); long prefill chunks activate most experts anyway and run dense GEMMs.
 AUTO_SPARSE = ("decode", "batch_decode", "batch_verify", "decode_to_last_hidden_states",
                "batch_verify_to_last_hidden_states")
+STATS_SUFFIX = "_with_stats"  # debug twins that also return per-layer router counts (same FFN lowering)
 
 
 def sparse_functions(policy: str) -> list[str]:
@@ -135,7 +137,7 @@ def build_library(opts: CompileOptions, cfg, preset, target, dtype: str, context
 
         configure_cuda_build(str(target.arch).removeprefix("sm_"))
     with timer("export"):
-        mod, named_params, _ = export_model(cfg, dtype, target, scheme)
+        mod, named_params, _ = export_model(cfg, dtype, target, scheme, opts.debug_counts)
         mod = library_funcs.add_logit_processors(mod, target)
         mod = library_funcs.add_softmax_with_temperature(mod)
         mod = library_funcs.add_alloc_embedding_tensor(mod, prefill_chunk, cfg.hidden_size, dtype)
@@ -155,6 +157,9 @@ def build_library(opts: CompileOptions, cfg, preset, target, dtype: str, context
     }
     bounds = {"seq_len": prefill_chunk, "batch_size": opts.max_batch_size, "total_seq_len": context}
     sparse_fns = sparse_functions(opts.ffn)
+    if opts.debug_counts:
+        sparse_fns += [f + STATS_SUFFIX for f in sparse_fns
+                       if any(f + STATS_SUFFIX == gv.name_hint for gv in mod.functions)]
     graph_passes = []
     if sparse_fns:
         from blockffn.relax_passes.add_dense_twins import AddDenseTwins

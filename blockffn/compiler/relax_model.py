@@ -102,6 +102,15 @@ class BlockFFN(nn.Module):
             return op.matmul(h, w_down)
         return q4_matmul(h, down_q, down_s, d, E * De, down_index(De), name="q4_expert_down")
 
+    def router_stats(self, x: Tensor) -> Tensor:
+        """int32 [1, 2]: (experts active for any token of the call = the sparse path's union size, active
+        (token, expert) pairs).  Same router logits and activity test (> 0) as the lowering."""
+        a0 = op.matmul(x, op.permute_dims(self.router_proj.weight))
+        active = op.astype(op.greater(a0, op.zeros((1,), a0.dtype)), "int32")  # [b, s, E]
+        union = op.sum(op.max(active, axis=[0, 1]))
+        pairs = op.sum(active)
+        return op.reshape(op.concat([op.reshape(union, (1,)), op.reshape(pairs, (1,))], dim=0), (1, 2))
+
     def _expert_args(self) -> tuple[list, list[str]]:
         if self.scheme is None:
             return [self.up_proj._expr, self.down_proj._expr], ["up_proj", "down_proj"]
@@ -214,9 +223,12 @@ class DecoderLayer(nn.Module):
         self.mlp = BlockFFN(cfg, dtype, scheme)
         self.residual_scale = cfg.residual_scale
 
-    def forward(self, h: Tensor, kv: PagedKVCache) -> Tensor:
+    def forward(self, h: Tensor, kv: PagedKVCache, stats: list | None = None) -> Tensor:
         h = h + self.self_attn(self.input_layernorm(h), kv) * self.residual_scale
-        return h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
+        x = self.post_attention_layernorm(h)
+        if stats is not None:
+            stats.append(self.mlp.router_stats(x))
+        return h + self.mlp(x) * self.residual_scale
 
 
 class Backbone(nn.Module):
@@ -230,19 +242,40 @@ class Backbone(nn.Module):
 class RelaxBlockFFN(nn.Module):
     """The compiled model: the MLC-LLM function set over a paged KV cache."""
 
-    def __init__(self, cfg: BlockFFNConfig, dtype: str = "float32", scheme: GroupQuant | None = None):
+    def __init__(self, cfg: BlockFFNConfig, dtype: str = "float32", scheme: GroupQuant | None = None,
+                 debug_counts: bool = False):
         self.cfg = cfg
         self.dtype = dtype
         self.scheme = scheme
+        self.debug_counts = debug_counts
         self.model = Backbone(cfg, dtype, scheme)
         if not cfg.tie_word_embeddings:
             self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, dtype, scheme)
 
     # ------------------------------------------------------------------------------------------- pieces
-    def _hidden(self, h: Tensor, kv: PagedKVCache) -> Tensor:
+    def _hidden(self, h: Tensor, kv: PagedKVCache, stats: list | None = None) -> Tensor:
         for layer in self.model.layers:
-            h = layer(h, kv)
+            h = layer(h, kv, stats)
         return self.model.norm(h)
+
+    def _with_stats(self, h: Tensor, kv: PagedKVCache, logits: bool):
+        """Debug builds (``--debug-counts``): the step's output plus per-layer router counts [L, 2]."""
+        stats: list = []
+        hidden = self._hidden(h, kv, stats)
+        out = self._logits(hidden) if logits else hidden
+        return out, op.concat(stats, dim=0), kv
+
+    def decode_with_stats(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        return self._with_stats(input_embed, paged_kv_cache, logits=True)
+
+    def batch_verify_with_stats(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        return self._with_stats(input_embeds, paged_kv_cache, logits=True)
+
+    def decode_to_last_hidden_states_with_stats(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        return self._with_stats(input_embed, paged_kv_cache, logits=False)
+
+    def batch_verify_to_last_hidden_states_with_stats(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        return self._with_stats(input_embeds, paged_kv_cache, logits=False)
 
     def _logits(self, hidden: Tensor) -> Tensor:
         hidden = hidden * (1.0 / self.cfg.logit_input_scale)
@@ -323,6 +356,15 @@ class RelaxBlockFFN(nn.Module):
             "batch_verify_to_last_hidden_states": {"input_embeds": nn.spec.Tensor([1, "seq_len", d], dt),
                                                    "paged_kv_cache": kv, "$": packed},
             "get_logits": {"hidden_states": nn.spec.Tensor(["seq_len", d], dt), "$": packed},
+            **({"decode_with_stats": {"input_embed": nn.spec.Tensor([1, 1, d], dt), "paged_kv_cache": kv,
+                                      "$": packed},
+                "batch_verify_with_stats": {"input_embeds": nn.spec.Tensor([1, "seq_len", d], dt),
+                                            "paged_kv_cache": kv, "$": packed},
+                "decode_to_last_hidden_states_with_stats": {"input_embed": nn.spec.Tensor([1, 1, d], dt),
+                                                            "paged_kv_cache": kv, "$": packed},
+                "batch_verify_to_last_hidden_states_with_stats": {
+                    "input_embeds": nn.spec.Tensor([1, "seq_len", d], dt), "paged_kv_cache": kv, "$": packed},
+                } if self.debug_counts else {}),
             "create_tir_paged_kv_cache": {
                 "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int, "page_size": int,
                 "support_sliding_window": int, "$": {"param_mode": "none", "effect_mode": "none"}},
@@ -370,10 +412,12 @@ class _TIRPagedKVCache(TIRPagedKVCache, _TreeAttentionOrderFix):
     between TIRPagedKVCache and PagedKVCache, where the call expression is handed over)."""
 
 
-def export_model(cfg: BlockFFNConfig, dtype: str, target, scheme: GroupQuant | None = None) -> tuple:
-    """(IRModule, [(param name, nn.Parameter)]) for the given config, storage dtype, target and q4 scheme."""
+def export_model(cfg: BlockFFNConfig, dtype: str, target, scheme: GroupQuant | None = None,
+                 debug_counts: bool = False) -> tuple:
+    """(IRModule, [(param name, nn.Parameter)]) for the given config, storage dtype, target and q4 scheme;
+    ``debug_counts`` adds the ``*_with_stats`` functions (per-layer router counts)."""
     BlockFFN._cache.clear()  # subroutines are per export (BlockBuilder ids can be reused)
-    model = RelaxBlockFFN(cfg, dtype, scheme)
+    model = RelaxBlockFFN(cfg, dtype, scheme, debug_counts)
     model._target = target
     mod, named_params, ext_mods = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     return mod, named_params, ext_mods

@@ -93,14 +93,21 @@ def run_bench(artifact, device: str = "cpu", draft=None, prompts=None, max_token
                  ("sparse-chain4", sparse, SpecConfig(mode="chain", chain_len=4, adaptive=False))]
         if drafter.kind == "eagle":
             runs.append(("sparse-tree32", sparse, SpecConfig(mode="tree", adaptive=False)))
+    stats_build = any(f.endswith("_with_stats") for f in sparse.functions)
+    sparse.collect_stats = stats_build
     modes = {}
     for name, engine, spec in runs:
         gen = Generator(engine) if spec is None else Generator(engine, drafter, spec)
         _run(gen, prompt_ids[:1], GenerationParams(max_tokens=8, greedy=True, stop_at_eos=False))  # warm-up
+        engine.stats_log.clear()
         modes[name] = _run(gen, prompt_ids, params)
         m = modes[name]
+        if stats_build and engine is sparse:
+            m["observed"] = engine.observed_sparsity()
         log(f"  {name:<14} decode {m['decode_tok_s']:8.1f} tok/s   prefill {m['prefill_tok_s']:8.1f} tok/s"
-            + (f"   accepted {m['accept_len']:.2f} tokens/verify" if m["accept_len"] else ""))
+            + (f"   accepted {m['accept_len']:.2f} tokens/verify" if m["accept_len"] else "")
+            + "".join(f"   {k}: TLS {v['tls']:.3f}, union {v['mean_union']:.1f}"
+                      for k, v in m.get("observed", {}).items() if k != "all"))
     bw = measure_bandwidth(device)
     param_bytes = sum(rec["nbytes"] for shard in sparse.art.tensor_cache["records"] for rec in shard["records"])
     achieved = param_bytes * modes["dense-AR"]["decode_tok_s"]

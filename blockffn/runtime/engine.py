@@ -69,7 +69,9 @@ class PagedModel:
                                                        S([self.prefill_chunk]), S([page_size]), S([0]))
         self.state = KVState()
         self._names: dict = {}
-        self._pending_tree: dict = {}  # seq -> (n_tree, parent_ptr) of a tree forward not yet committed
+        self._pending_tree: dict = {}
+        self.collect_stats = False  # use the *_with_stats functions of a --debug-counts build when present
+        self.stats_log: list = []  # seq -> (n_tree, parent_ptr) of a tree forward not yet committed
 
     def _load_params(self, names):
         import tvm
@@ -149,7 +151,13 @@ class PagedModel:
             self._f["kv_state_begin_forward"](self.kv, S(list(seq_ids)), S(list(lengths)),
                                               S(list(tree_parent_ptr)))
             self._pending_tree[seq_ids[0]] = (lengths[0], list(tree_parent_ptr))
-        out = self.vm[self._names.get(func, func)](*args, self.kv, self.params)
+        if self.collect_stats and func + "_with_stats" in self.functions:
+            func = func + "_with_stats"
+            out = self.vm[self._names.get(func, func)](*args, self.kv, self.params)
+            self.stats_log.append({"function": func, "tokens": int(sum(lengths)),
+                                   "counts": out[1].numpy().astype(np.int64)})  # [layers, (union, pairs)]
+        else:
+            out = self.vm[self._names.get(func, func)](*args, self.kv, self.params)
         self._f["kv_state_end_forward"](self.kv)
         for sid, n in zip(seq_ids, lengths):
             self.state.lengths[sid] += n
@@ -297,6 +305,22 @@ class Engine(PagedModel):
         """Logits [n, V] (float32) of final-norm hidden states [n, d]."""
         h = self._tensor(np.ascontiguousarray(hidden, dtype=self.dtype_np))
         return self.vm["get_logits"](h, self.params).numpy()
+
+    def observed_sparsity(self, num_experts: int | None = None) -> dict:
+        """From the router counts of a ``--debug-counts`` build (``collect_stats = True``): measured token-level
+        sparsity (TLS) and the mean union of active experts per call, overall and for decode / verify calls."""
+        E = num_experts or self.cfg.num_experts
+        out = {}
+        for label, names in (("all", None), ("decode", ("decode",)), ("verify", ("batch_verify",))):
+            recs = [r for r in self.stats_log if names is None or r["function"].startswith(names)]
+            if not recs:
+                continue
+            pairs = sum(int(r["counts"][:, 1].sum()) for r in recs)
+            slots = sum(r["tokens"] * r["counts"].shape[0] * E for r in recs)
+            unions = np.concatenate([r["counts"][:, 0] for r in recs])
+            out[label] = {"calls": len(recs), "tls": 1 - pairs / slots, "mean_union": float(unions.mean()),
+                          "mean_union_fraction": float(unions.mean()) / E}
+        return out
 
     def library_function(self, name: str):
         """A TIR function of the library (e.g. the in-place logit processors), as MLC's runtime looks it up."""
