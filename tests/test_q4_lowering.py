@@ -115,7 +115,7 @@ def _dequantize_buffers_in_global_memory(func) -> list[str]:
 @pytest.mark.parametrize("preset", ["cpu", "cuda", "metal", "android"])
 def test_no_target_materialises_dequantized_weights(preset):
     from blockffn.compiler.pipeline import _backend_pipeline
-    from blockffn.schedules.dlight_rules import metal_simdgroup_disabled, schedule_passes
+    from blockffn.schedules.dlight_rules import metal_simdgroup_disabled, reduction_rules_guarded, schedule_passes
     from blockffn.targets import get_target
 
     cfg = small_config()
@@ -127,7 +127,7 @@ def test_no_target_materialises_dequantized_weights(preset):
     passes = ([LowerBlockFFNSparse(["decode", "batch_decode"], family=p.kernel_family),
                relax.transform.FuseTransposeMatmul()] + stages.library_dispatch_passes(target)
               + stages.legalize_passes(target) + schedule_passes(target))
-    with target, metal_simdgroup_disabled(target):
+    with target, metal_simdgroup_disabled(target), reduction_rules_guarded():
         mod = tvm.transform.Sequential(passes)(mod)
     q4_funcs = {gv.name_hint: f for gv, f in mod.functions.items()
                 if isinstance(f, tvm.tirx.PrimFunc) and "q4" in gv.name_hint}

@@ -44,7 +44,7 @@ def artifact_window_nll(engine, tokens, seq_len: int, max_tokens: int | None = N
             for i in range(0, seq_len, chunk):
                 piece = [int(t) for t in window[i: min(i + chunk, seq_len)]]
                 logits = engine.batch_verify(0, piece, list(range(-1, len(piece) - 1)))
-                engine.commit_tree(0, len(piece), len(piece) - 1)
+                engine.commit_tree(0, len(piece) - 1)
                 nll += _log_softmax_nll(logits, window[i + 1: i + 1 + len(piece)])
                 count += len(piece)
         finally:

@@ -81,6 +81,8 @@ class DenseMatmulCPU(CPUScheduleRule):
         if len(infos) == 2 and not infos[1].is_injective():
             return None
         block = infos[0].block_rv
+        if any(str(r.source.dtype) == "bfloat16" for r in list(sch.get(block).reads) + list(sch.get(block).writes)):
+            return None  # LLVM lowers bf16 through uint16 storage, which rejects our vectorised bf16 stores
         form = _matmul_form(sch.get(block))
         if form is None or not isinstance(form[1], tirx.IntImm):
             return None
