@@ -206,6 +206,11 @@ def test_errors_are_one_line(art, engines, tmp_path, monkeypatch):
     (other / "draft" / "blockffn-draft.json").write_text(json.dumps(manifest))
     with pytest.raises(BlockFFNError, match="built for target jetson"):
         EagleDraft(other / "draft", e)
+    from blockffn.artifacts.verify import verify_artifact
+
+    assert any(line.startswith("draft     ok") for line in verify_artifact(out))
+    with pytest.raises(BlockFFNError, match="draft built for target jetson"):
+        verify_artifact(other)
     r = subprocess.run([sys.executable, "-m", "blockffn.cli", "generate", "--artifact", str(out), "--prompt",
                         "word " * 700, "--max-tokens", "4"], capture_output=True, text=True)
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "context window" in r.stderr

@@ -112,4 +112,25 @@ def verify_artifact(path: str | Path) -> list[str]:
                      if d != r)
         raise ArtifactError(f"{lib}: {source} params and tensor-cache.json disagree at {json.dumps(first)}")
     report.append(f"metadata  ok: {len(records)} params agree ({source} vs tensor-cache.json)")
+    if art.manifest.get("draft"):
+        report.append(_verify_draft(art))
     return report
+
+
+def _verify_draft(art) -> str:
+    """The EAGLE draft built into ARTIFACT/draft: intact, same TVM, same target, shaped for this model."""
+    from blockffn.artifacts.reader import open_draft
+
+    folder = art.path / art.manifest["draft"]["folder"]
+    draft = open_draft(folder)  # files, shards, md5, TVM version
+    m = draft.manifest
+    if m.get("target", {}).get("name") != art.manifest["target"]["name"]:
+        raise ArtifactError(f"{folder}: draft built for target {m.get('target', {}).get('name')}, the model for "
+                            f"{art.manifest['target']['name']}")
+    if (m["hidden_size"], m["vocab_size"]) != (art.config.hidden_size, art.config.vocab_size):
+        raise ArtifactError(f"{folder}: draft made for hidden_size {m['hidden_size']} / vocabulary "
+                            f"{m['vocab_size']}, not this model's")
+    records = [(r["name"], list(r["shape"])) for r in param_records(draft.tensor_cache)]
+    if records != [(p["name"], list(p["shape"])) for p in m["params"]]:
+        raise ArtifactError(f"{folder}: draft library params and tensor-cache.json disagree")
+    return f"draft     ok: EAGLE head, {len(records)} params, draft vocabulary {m['draft_vocab_size']}"
