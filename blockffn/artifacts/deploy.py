@@ -61,4 +61,11 @@ def deploy_text(preset, manifest: dict, library_only: bool = False) -> str:
                 "(`xcrun libtool -static`) and link it into the app. On macOS: "
                 "`clang -dynamiclib *.o -framework Metal -framework Foundation -o model.dylib`. Metal Shading Language "
                 "source is compiled on the device at load (build on a Mac with Xcode to embed a metallib instead).\n")
+    draft = manifest.get("draft")
+    if draft and not library_only:
+        body += (f"\nSpeculative decoding: `{draft['folder']}/` holds the EAGLE draft head's own library "
+                 f"(`{draft['library']}`, built for the same target"
+                 + (f", symbol prefix `{prefix}draft_`" if prefix else "")
+                 + ") and weights; load it next to the model (MLC: an additional model in eagle mode), or let "
+                   "`blockffn generate --artifact . --speculative auto` / `blockffn chat` use it.\n")
     return head + body
