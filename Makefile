@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(BIN)/blockffn-compile --target cpu --output dist/blockffn-tiny-q0f32-cpu --overwrite
 	$(BIN)/blockffn inspect dist/blockffn-tiny-q0f32-cpu
 	$(BIN)/blockffn generate --artifact dist/blockffn-tiny-q0f32-cpu --prompt "The President said that" --max-tokens 48 --greedy
+	$(BIN)/blockffn generate --artifact dist/blockffn-tiny-q0f32-cpu --prompt "The President said that" --max-tokens 48 --greedy --speculative auto
 	$(BIN)/blockffn generate --prompt "The President said that" --max-tokens 48 --greedy
 
 test: $(STAMP)
