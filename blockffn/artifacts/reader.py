@@ -21,12 +21,12 @@ class ArtifactError(BlockFFNError):
 
 
 @dataclass
-class Artifact:
+class _LibraryFolder:
+    """A folder holding a model library, its manifest and its tensor cache."""
+
     path: Path
     manifest: dict
-    chat_config: dict
     tensor_cache: dict
-    config: BlockFFNConfig
 
     @property
     def library(self) -> Path:
@@ -35,6 +35,12 @@ class Artifact:
     @property
     def param_names(self) -> list[str]:
         return [p["name"] for p in self.manifest["params"]]
+
+
+@dataclass
+class Artifact(_LibraryFolder):
+    chat_config: dict
+    config: BlockFFNConfig
 
 
 def _read_json(path: Path) -> dict:
@@ -86,24 +92,12 @@ def open_artifact(path: str | Path, verify_md5: bool = True) -> Artifact:
     cfg = BlockFFNConfig.from_hf_dict({k: v for k, v in chat_config["model_config"].items()
                                        if k not in ("context_window_size", "prefill_chunk_size",
                                                     "tensor_parallel_shards", "max_batch_size")})
-    return Artifact(path, manifest, chat_config, cache, cfg)
+    return Artifact(path, manifest, cache, chat_config, cfg)
 
 
 @dataclass
-class DraftArtifact:
+class DraftArtifact(_LibraryFolder):
     """``ARTIFACT/draft``: an EAGLE draft head's library and weights (see blockffn.compiler.compile_draft)."""
-
-    path: Path
-    manifest: dict
-    tensor_cache: dict
-
-    @property
-    def library(self) -> Path:
-        return self.path / self.manifest["library"]
-
-    @property
-    def param_names(self) -> list[str]:
-        return [p["name"] for p in self.manifest["params"]]
 
 
 def open_draft(path: str | Path, verify_md5: bool = True) -> DraftArtifact:

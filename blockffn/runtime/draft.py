@@ -19,6 +19,14 @@ from blockffn.model.speculative import DraftTree, DynamicTree, chain_tree, sampl
 from blockffn.runtime.engine import Engine, PagedModel
 
 
+def _draw(logits: np.ndarray, temperature: float, top_p: float, rng) -> tuple[int, np.ndarray | None]:
+    """A draft token: argmax when greedy, else a sample and the distribution it came from (for rejection)."""
+    if temperature <= 0:
+        return int(np.argmax(logits)), None
+    q = sampling_probs(logits, temperature, top_p)
+    return sample_index(q, rng), q
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     z = x - x.max(-1, keepdims=True)
@@ -93,11 +101,8 @@ class EagleDraft(PagedModel):
         vocab = self.target.cfg.vocab_size
         h, logits, toks, q_rows, fed = self.h, self.last_logits, [], [], 0
         for i in range(k):
-            if greedy:
-                col = int(np.argmax(logits))
-            else:
-                q = sampling_probs(logits, temperature, top_p)
-                col = sample_index(q, rng)
+            col, q = _draw(logits, temperature, top_p, rng)
+            if q is not None:  # draft-vocabulary distribution spread onto the target vocabulary
                 full = np.zeros(vocab)
                 full[self._target_ids(np.arange(len(q)))] = q
                 q_rows.append(full)
@@ -158,11 +163,8 @@ class ModelDraft:
         base = len(self.emitted)
         toks, q_rows = [], []
         for i in range(k):
-            if greedy:
-                tok = int(np.argmax(logits))
-            else:
-                q = sampling_probs(logits, temperature, top_p)
-                tok = sample_index(q, rng)
+            tok, q = _draw(logits, temperature, top_p, rng)
+            if q is not None:
                 q_rows.append(q)
             toks.append(tok)
             if i < k - 1:

@@ -217,8 +217,9 @@ class Generator:
             logits = e.get_logits(hidden)
         else:
             hidden, logits = None, e.batch_verify(SEQ, tokens, parent_ptr)
-        histories = [res.tokens + self._path_tokens(tree, row - 1) for row in range(len(tokens))]
-        logits = self.sampler.penalised(logits, histories, params.repetition_penalty)
+        if params.repetition_penalty != 1.0:  # each row's history: the generated tokens + its tree path
+            histories = [res.tokens + self._path_tokens(tree, row - 1) for row in range(len(tokens))]
+            logits = self.sampler.penalised(logits, histories, params.repetition_penalty)
         if params.is_greedy:
             path, bonus = accept_greedy(tree, logits)
         else:
