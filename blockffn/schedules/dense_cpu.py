@@ -25,6 +25,7 @@ from tvm.target import Target
 NN_VECTORS = 4  # accumulator vectors per token in the NN kernel (independent FMA chains)
 NN_TILE_BYTES = 64 * 1024  # weight tile (k rows x cols) kept in L2 while every token of the call uses it
 NT_COLS = 4  # output columns computed together: independent FMA chains, one activation load serves all
+TOKEN_BLOCK = 4  # tokens computed together when a call has several: each weight vector loaded serves all of them
 
 
 def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
@@ -91,14 +92,16 @@ class DenseMatmulCPU(CPUScheduleRule):
         *rows, j, k = loops
         i = sch.fuse(*rows) if len(rows) > 1 else rows[0]
         lanes = vector_lanes(target)
+        rows_extent = sch.get(i).extent
+        tokens = 1 if isinstance(rows_extent, tirx.IntImm) and int(rows_extent) < TOKEN_BLOCK else TOKEN_BLOCK
         if kind == "NT":
-            self._nt(sch, block, epilogue, i, j, k, lanes)
+            self._nt(sch, block, epilogue, i, j, k, lanes, tokens)
         else:
-            self._nn(sch, block, epilogue, i, j, k, _largest_divisor(n_out, NN_VECTORS * lanes))
+            self._nn(sch, block, epilogue, i, j, k, _largest_divisor(n_out, NN_VECTORS * lanes), tokens)
         return sch
 
     @staticmethod
-    def _nt(sch, block, epilogue, i, j, k, lanes):
+    def _nt(sch, block, epilogue, i, j, k, lanes, tokens):
         k_extent = sch.get(k).extent
         if not isinstance(k_extent, tirx.IntImm) or int(k_extent) % lanes:
             lanes = _largest_divisor(int(k_extent), lanes) if isinstance(k_extent, tirx.IntImm) else 1
@@ -111,21 +114,32 @@ class DenseMatmulCPU(CPUScheduleRule):
         # rf block: per token, NT_COLS columns at a time, each a lanes-wide partial sum (independent FMA chains;
         # one activation vector load serves all columns); the original block then sums the lanes
         rf_jo, rf_i, rf_ko, rf_ji, rf_ki = sch.get_loops(rf)
+        rf_ii = None
+        if tokens > 1:  # register tile: `tokens` x NT_COLS partial-sum vectors, each load serves a row or column
+            rf_i, rf_ii = sch.split(rf_i, [None, tokens])
+            sch.reorder(rf_i, rf_ko, rf_ii, rf_ji, rf_ki)
         sch.reverse_compute_at(block, rf_i)
         sch.set_scope(rf, 0, "local")
         if epilogue is not None:
             sch.reverse_compute_at(epilogue, rf_i)
         sch.vectorize(rf_ki)
         sch.unroll(rf_ji)
+        if rf_ii is not None:
+            sch.unroll(rf_ii)
         sch.parallel(rf_jo)
         _vectorize_init(sch, sch.decompose_reduction(rf, rf_ko))
 
     @staticmethod
-    def _nn(sch, block, epilogue, i, j, k, cols):
+    def _nn(sch, block, epilogue, i, j, k, cols, tokens):
         k_extent = int(sch.get(k).extent)
         jo, ji = sch.split(j, [None, cols])
         ko, ki = sch.split(k, [None, _largest_divisor(k_extent, max(1, NN_TILE_BYTES // (4 * cols)))])
-        sch.reorder(jo, ko, i, ki, ji)
+        if tokens > 1:  # `tokens` rows of accumulators: each weight vector loaded serves all of them
+            io, ii = sch.split(i, [None, tokens])
+            sch.reorder(jo, ko, io, ki, ii, ji)
+            sch.unroll(ii)
+        else:
+            sch.reorder(jo, ko, i, ki, ji)
         if epilogue is not None:
             sch.reverse_compute_at(epilogue, jo)
         sch.vectorize(ji)

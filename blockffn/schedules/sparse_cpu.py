@@ -55,12 +55,18 @@ def union_kernel(E: int, dtype: str):
     return blockffn_union
 
 
-def up_kernel_cpu(E: int, De: int, d: int, dtype: str, TB: int = 4):
-    """With ``TB`` or more tokens, they are processed TB at a time so each weight vector loaded from an expert row
-    serves TB tokens (rows past the last token read a clamped, valid token and are not stored); fewer tokens
-    (decode) take a one-token loop with no padded work."""
+def up_kernel_cpu(E: int, De: int, d: int, dtype: str, TB: int = 4, groups: int = 4):
+    """Parallel over (row group, slot) with the row group outermost: every thread's contiguous share of the
+    iterations covers all slots, so the work of the ``count`` active slots splits evenly over up to ``groups``
+    threads (a plain parallel loop over slots hands the low slots, the only active ones, to one thread), while each
+    iteration still streams De/groups contiguous rows of one expert.  Rows go ``RB`` at a time: with ``TB`` or more
+    tokens a TB x RB register tile (each x vector serves RB rows, each weight vector TB tokens; rows past the last
+    token read a clamped, valid token and are not stored); fewer tokens (decode) take a one-token loop with no
+    padded work."""
     VL = _vector_len(d, 16)
-    RB = _vector_len(De, TB)  # expert rows per decode step: independent FMA chains sharing one x load
+    RB = _vector_len(De, TB)  # expert rows at once: independent FMA chains sharing one x load
+    G = _vector_len(De // RB, groups)
+    GB = De // RB // G  # row blocks per group
 
     @T.prim_func(s_tir=True)
     def blockffn_sparse_up(x_h: T.handle, gate_h: T.handle, up_h: T.handle, idx_h: T.handle, cnt_h: T.handle,
@@ -73,53 +79,59 @@ def up_kernel_cpu(E: int, De: int, d: int, dtype: str, TB: int = 4):
         idx = T.match_buffer(idx_h, (E,), "int32")
         cnt = T.match_buffer(cnt_h, (1,), "int32")
         h = T.match_buffer(h_h, (n_tok, E, De), "float32")
-        for j in T.parallel(E):
-            with T.sblock("slot"):
-                acc = T.sblock_alloc_buffer((max(TB, RB), VL), "float32", scope="local")
+        for p in T.parallel(G * E):
+            with T.sblock("slot_rows"):
+                acc = T.sblock_alloc_buffer((TB * RB, VL), "float32", scope="local")
+                acc1 = T.sblock_alloc_buffer((RB, VL), "float32", scope="local")  # decode tile
                 s = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                if j < cnt[0]:
-                    if n_tok < TB:  # decode: one token at a time, RB rows of the expert at once, no padded work
-                        for k0 in range(De // RB):
+                if p % E < cnt[0]:
+                    for kb in range(GB):
+                        if n_tok < TB:  # decode: one token at a time, no padded work
                             for t in range(n_tok):
                                 for r in T.unroll(RB):
                                     for v in T.vectorized(VL):
-                                        acc[r, v] = T.float32(0)
+                                        acc1[r, v] = T.float32(0)
                                 for dd in range(d // VL):
                                     for r in T.unroll(RB):
                                         for v in T.vectorized(VL):
-                                            acc[r, v] = acc[r, v] + T.Cast("float32", x[t, dd * VL + v]) * T.Cast(
-                                                "float32", up[idx[j] * De + k0 * RB + r, dd * VL + v])
+                                            acc1[r, v] = acc1[r, v] + T.Cast("float32", x[t, dd * VL + v]) * T.Cast(
+                                                "float32", up[idx[p % E] * De + (p // E * GB + kb) * RB + r, dd * VL + v])
                                 for r in range(RB):
                                     s[0] = T.float32(0)
                                     for v in range(VL):
-                                        s[0] = s[0] + acc[r, v]
-                                    h[t, j, k0 * RB + r] = s[0] / (T.float32(1) + T.exp(T.float32(0) - s[0])) * T.Cast(
-                                        "float32", gate[t, idx[j]])
-                    else:
-                        for k in range(De):
+                                        s[0] = s[0] + acc1[r, v]
+                                    h[t, p % E, (p // E * GB + kb) * RB + r] = s[0] / (
+                                        T.float32(1) + T.exp(T.float32(0) - s[0])) * T.Cast("float32", gate[t, idx[p % E]])
+                        else:
                             for t0 in range((n_tok + TB - 1) // TB):
                                 for tt in T.unroll(TB):
-                                    for v in T.vectorized(VL):
-                                        acc[tt, v] = T.float32(0)
+                                    for r in T.unroll(RB):
+                                        for v in T.vectorized(VL):
+                                            acc[tt * RB + r, v] = T.float32(0)
                                 for dd in range(d // VL):
                                     for tt in T.unroll(TB):
-                                        for v in T.vectorized(VL):
-                                            acc[tt, v] = acc[tt, v] + T.Cast(
-                                                "float32", x[T.min(t0 * TB + tt, n_tok - 1), dd * VL + v]) * T.Cast(
-                                                "float32", up[idx[j] * De + k, dd * VL + v])
+                                        for r in T.unroll(RB):
+                                            for v in T.vectorized(VL):
+                                                acc[tt * RB + r, v] = acc[tt * RB + r, v] + T.Cast(
+                                                    "float32", x[T.min(t0 * TB + tt, n_tok - 1), dd * VL + v]) * T.Cast(
+                                                    "float32", up[idx[p % E] * De + (p // E * GB + kb) * RB + r, dd * VL + v])
                                 for tt in range(TB):
                                     if t0 * TB + tt < n_tok:
-                                        s[0] = T.float32(0)
-                                        for v in range(VL):
-                                            s[0] = s[0] + acc[tt, v]
-                                        h[t0 * TB + tt, j, k] = s[0] / (
-                                            T.float32(1) + T.exp(T.float32(0) - s[0])) * T.Cast(
-                                            "float32", gate[t0 * TB + tt, idx[j]])
+                                        for r in range(RB):
+                                            s[0] = T.float32(0)
+                                            for v in range(VL):
+                                                s[0] = s[0] + acc[tt * RB + r, v]
+                                            h[t0 * TB + tt, p % E, (p // E * GB + kb) * RB + r] = s[0] / (
+                                                T.float32(1) + T.exp(T.float32(0) - s[0])) * T.Cast(
+                                                "float32", gate[t0 * TB + tt, idx[p % E]])
 
     return blockffn_sparse_up
 
 
-def down_kernel_cpu(E: int, De: int, d: int, dtype: str):
+def down_kernel_cpu(E: int, De: int, d: int, dtype: str, TB: int = 4):
+    """Parallel over ``OB``-wide output blocks.  With ``TB`` or more tokens the block's partial sums for TB tokens
+    live in registers while the active experts' rows stream by (each weight vector serves TB tokens; rows past the
+    last token use a clamped, valid token and are not stored); fewer tokens accumulate straight into ``y``."""
     OB = _vector_len(d, 64)
 
     @T.prim_func(s_tir=True)
@@ -132,15 +144,34 @@ def down_kernel_cpu(E: int, De: int, d: int, dtype: str):
         cnt = T.match_buffer(cnt_h, (1,), "int32")
         y = T.match_buffer(y_h, (n_tok, d), "float32")
         for ob in T.parallel(d // OB):
-            for t in range(n_tok):
-                for o in T.vectorized(OB):
-                    y[t, ob * OB + o] = T.float32(0)
-            for j in range(E):
-                if j < cnt[0]:
-                    for k in range(De):
-                        for t in range(n_tok):
+            with T.sblock("out_block"):
+                acc = T.sblock_alloc_buffer((TB, OB), "float32", scope="local")
+                if n_tok < TB:
+                    for t in range(n_tok):
+                        for o in T.vectorized(OB):
+                            y[t, ob * OB + o] = T.float32(0)
+                    for j in range(E):
+                        if j < cnt[0]:
+                            for k in range(De):
+                                for t in range(n_tok):
+                                    for o in T.vectorized(OB):
+                                        y[t, ob * OB + o] = y[t, ob * OB + o] + h[t, j, k] * T.Cast(
+                                            "float32", down[idx[j] * De + k, ob * OB + o])
+                else:
+                    for t0 in range((n_tok + TB - 1) // TB):
+                        for tt in T.unroll(TB):
                             for o in T.vectorized(OB):
-                                y[t, ob * OB + o] = y[t, ob * OB + o] + h[t, j, k] * T.Cast(
-                                    "float32", down[idx[j] * De + k, ob * OB + o])
+                                acc[tt, o] = T.float32(0)
+                        for j in range(E):
+                            if j < cnt[0]:
+                                for k in range(De):
+                                    for tt in T.unroll(TB):
+                                        for o in T.vectorized(OB):
+                                            acc[tt, o] = acc[tt, o] + h[T.min(t0 * TB + tt, n_tok - 1), j, k] * T.Cast(
+                                                "float32", down[idx[j] * De + k, ob * OB + o])
+                        for tt in range(TB):
+                            if t0 * TB + tt < n_tok:
+                                for o in T.vectorized(OB):
+                                    y[t0 * TB + tt, ob * OB + o] = acc[tt, o]
 
     return blockffn_sparse_down

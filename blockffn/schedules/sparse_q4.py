@@ -31,8 +31,12 @@ def _silu_gate(s, g):
     return s / (T.float32(1) + T.exp(T.float32(0) - s)) * T.Cast("float32", g)
 
 
-def up_kernel_cpu(E: int, De: int, d: int, dtype: str):
+def up_kernel_cpu(E: int, De: int, d: int, dtype: str, groups: int = 4):
+    """Parallel over (row group, slot), row group outermost, so the active slots' work splits evenly over threads
+    (see ``sparse_cpu.up_kernel_cpu``); each expert row is decoded once and serves every token."""
     VL = PER_WORD
+    G = next(g for g in range(min(groups, De), 0, -1) if De % g == 0)
+    GR = De // G  # rows per group
 
     @T.prim_func(s_tir=True)
     def blockffn_sparse_up_q4(x_h: T.handle, gate_h: T.handle, q_h: T.handle, s_h: T.handle, idx_h: T.handle,
@@ -46,16 +50,16 @@ def up_kernel_cpu(E: int, De: int, d: int, dtype: str):
         idx = T.match_buffer(idx_h, (E,), "int32")
         cnt = T.match_buffer(cnt_h, (1,), "int32")
         h = T.match_buffer(h_h, (n_tok, E, De), "float32")
-        for j in T.parallel(E):
+        for p in T.parallel(G * E):
             with T.sblock("slot"):
                 row = T.sblock_alloc_buffer((d,), "float32", scope="local")
                 acc = T.sblock_alloc_buffer((VL,), "float32", scope="local")
                 s = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                if j < cnt[0]:
-                    for k in range(De):
+                if p % E < cnt[0]:
+                    for kk in range(GR):
                         for w in range(d // PER_WORD):
                             for v in T.vectorized(VL):
-                                row[w * VL + v] = _decode(q[idx[j], k, w], v, sc[idx[j], k, w // WPG])
+                                row[w * VL + v] = _decode(q[idx[p % E], p // E * GR + kk, w], v, sc[idx[p % E], p // E * GR + kk, w // WPG])
                         for t in range(n_tok):
                             for v in T.vectorized(VL):
                                 acc[v] = T.float32(0)
@@ -65,7 +69,7 @@ def up_kernel_cpu(E: int, De: int, d: int, dtype: str):
                             s[0] = T.float32(0)
                             for v in range(VL):
                                 s[0] = s[0] + acc[v]
-                            h[t, j, k] = _silu_gate(s[0], gate[t, idx[j]])
+                            h[t, p % E, p // E * GR + kk] = _silu_gate(s[0], gate[t, idx[p % E]])
 
     return blockffn_sparse_up_q4
 
