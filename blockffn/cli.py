@@ -368,8 +368,9 @@ def _artifact(path, device: str) -> Path:
 @click.option("--prompt", required=True)
 @_sampling_options
 @click.option("--sparse", is_flag=True, help="Union-sparse FFN in the PyTorch model.")
-@click.option("--ffn", type=click.Choice(["auto", "dense"]), default="auto", show_default=True,
-              help="--artifact: run the library as compiled, or its dense twins (same weights).")
+@click.option("--ffn", type=click.Choice(["auto", "sparse", "dense"]), default="auto", show_default=True,
+              help="--artifact: as compiled (auto: prefill runs chunked-union or dense, whichever measured "
+                   "faster here), always the sparse lowering, or the dense twins (same weights).")
 @_speculation_options(None)
 @click.option("--json", "as_json", is_flag=True, help='Print {"tokens": [...], "text": "...", "tok_per_s": ...}.')
 def generate_cmd(model_dir, artifact_dir, device, prompt, sparse, ffn, draft_dir, speculative, draft_len, as_json,
@@ -505,7 +506,12 @@ def _compile_options(f):
         click.option("--max-batch-size", type=int, default=8, show_default=True),
         click.option("--arch", default=None, help="CUDA SM for cuda targets, e.g. sm_87 (default: the preset's)."),
         click.option("--ffn", type=click.Choice(["auto", "dense", "sparse"]), default="auto", show_default=True,
-                     help="BlockFFN lowering: auto = sparse decode/verify, dense prefill."),
+                     help="BlockFFN lowering.  sparse: only the union of active experts (decode/verify: over the "
+                          "call; prefill: per --union-chunk tokens); auto: the same, and the runtime runs prefill "
+                          "chunked-union or dense, whichever it measures faster on the device; dense: every expert. "
+                          "Sparse builds also carry dense twins (<function>_dense)."),
+        click.option("--union-chunk", type=int, default=16, show_default=True,
+                     help="Prefill tokens per union of active experts (chunked-union prefill)."),
         click.option("--draft", default="auto", show_default=True,
                      help="EAGLE draft head folder to build into ARTIFACT/draft (auto: MODEL/draft if present; "
                           "none: no draft)."),
@@ -521,7 +527,7 @@ def _compile_options(f):
 
 
 def _run_compile(model_dir, target, quantization, output, context_window, prefill_chunk, max_batch_size, ffn,
-                 arch, draft, debug_counts, overwrite, list_targets) -> None:
+                 union_chunk, arch, draft, debug_counts, overwrite, list_targets) -> None:
     from blockffn.targets import list_targets as presets
 
     if list_targets:
@@ -533,7 +539,7 @@ def _run_compile(model_dir, target, quantization, output, context_window, prefil
 
     opts = CompileOptions(model_dir=_model_dir(model_dir), target=target, quantization=quantization, output=output,
                           context_window=context_window, prefill_chunk=prefill_chunk, max_batch_size=max_batch_size,
-                          overwrite=overwrite, ffn=ffn, arch=arch, draft=draft,
+                          overwrite=overwrite, ffn=ffn, union_chunk=union_chunk, arch=arch, draft=draft,
                           debug_counts=debug_counts)
     r = compile_model(opts, log=click.echo)
     if "deploy" in r:  # library-only output

@@ -1,5 +1,7 @@
 """The chunk-sparse lowering pass: IR properties, and lowered == dense on random router patterns (CPU build)."""
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -30,13 +32,22 @@ def calls_to(func, predicate):
     return found
 
 
-@pytest.fixture(scope="module")
-def ffn_vm():
+def _ffn_vm(chunk):
     cfg = small_config()
     mod, named = SingleBlockFFN(cfg).export()
-    mod = LowerBlockFFNSparse(["sparse"])(mod)
+    mod = LowerBlockFFNSparse({"sparse": chunk})(mod)
     ex = tvm.compile(mod, TARGET)
     return cfg, relax.VirtualMachine(ex, tvm.cpu()), [n for n, _ in named]
+
+
+@pytest.fixture(scope="module")
+def ffn_vm():
+    return _ffn_vm(None)
+
+
+@pytest.fixture(scope="module")
+def chunked_ffn_vm():
+    return _ffn_vm(4)  # prefill's chunked union, with a chunk small enough for many chunks per call
 
 
 def numpy_dense(x, w_r, w_n, up, down_t, E, De, eps):
@@ -49,15 +60,15 @@ def numpy_dense(x, w_r, w_n, up, down_t, E, De, eps):
     return h @ down_t
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.integers(1, 64), st.sampled_from(["none", "all", "random", "sparse"]), st.integers(0, 2**16))
-def test_lowered_ffn_equals_dense(ffn_vm, T, kind, seed):
+def check_lowered_equals_dense(ffn_vm, T, kind, seed):
     cfg, vm, _ = ffn_vm
     E, De, d = cfg.num_experts, cfg.expert_size, cfg.hidden_size
     rng = np.random.default_rng(seed)
     mask = {"none": np.zeros((T, E), bool), "all": np.ones((T, E), bool)}.get(kind)
     if mask is None:
         mask = rng.random((T, E)) < (0.5 if kind == "random" else 0.08)
+        if kind == "empty-chunk":  # a chunk (of 4) whose tokens activate nothing, next to busy ones
+            mask[4:8] = False
     x = rng.standard_normal((T, d))
     target = np.where(mask, rng.random((T, E)) + 0.5, -(rng.random((T, E)) + 0.5))
     w_r = np.linalg.lstsq(x, target, rcond=None)[0].T  # router weights that realise the pattern exactly
@@ -77,6 +88,40 @@ def test_lowered_ffn_equals_dense(ffn_vm, T, kind, seed):
     scale = np.abs(dense).max()
     assert np.abs(sparse - dense).max() / scale <= 1e-5
     assert np.abs(sparse - ref).max() / np.abs(ref).max() <= 1e-5
+    for t in np.flatnonzero(~mask.any(1)):  # a token with no active expert gets exactly zero
+        assert not sparse[t].any()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 64), st.sampled_from(["none", "all", "random", "sparse"]), st.integers(0, 2**16))
+def test_lowered_ffn_equals_dense(ffn_vm, T, kind, seed):
+    check_lowered_equals_dense(ffn_vm, T, kind, seed)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 64), st.sampled_from(["none", "all", "random", "sparse", "empty-chunk"]),
+       st.integers(0, 2**16))
+def test_chunked_union_ffn_equals_dense(chunked_ffn_vm, T, kind, seed):
+    check_lowered_equals_dense(chunked_ffn_vm, T, kind, seed)
+
+
+@pytest.mark.parametrize("chunk", [None, 3, 8])
+def test_union_kernel_per_chunk(chunk):
+    """idx/count of each chunk are exactly the experts any of its tokens activates, ascending."""
+    from blockffn.schedules import sparse_cpu
+
+    E, T = 12, 17
+    rng = np.random.default_rng(chunk or 0)
+    a0 = np.where(rng.random((T, E)) < 0.2, 1.0, -1.0).astype("float32")
+    lib = tvm.compile(tvm.IRModule({"u": sparse_cpu.union_kernel(E, "float32", chunk)}), TARGET)
+    n_chunks = 1 if chunk is None else -(-T // chunk)
+    idx, cnt = tvm.runtime.tensor(np.full((n_chunks, E), -1, "int32")), tvm.runtime.tensor(np.zeros(n_chunks, "int32"))
+    lib["blockffn_union"](tvm.runtime.tensor(a0), idx, cnt)
+    for c in range(n_chunks):
+        rows = a0[c * chunk: (c + 1) * chunk] if chunk else a0
+        want = np.flatnonzero((rows > 0).any(0))
+        assert cnt.numpy()[c] == len(want)
+        assert list(idx.numpy()[c, :len(want)]) == list(want) and not idx.numpy()[c, len(want):].any()
 
 
 def test_pass_rewrites_every_selected_function_and_nothing_else():
@@ -98,6 +143,19 @@ def test_pass_rewrites_every_selected_function_and_nothing_else():
     for fn in ("prefill", "batch_prefill", "batch_decode"):  # untouched functions keep the dense layer
         names = calls_to(out[fn], lambda n: n.startswith("BlockFFN"))
         assert names and not any(n.endswith("_sparse") for n in names)
+
+
+def test_prefill_gets_chunked_union_twins():
+    cfg = small_config()
+    mod, _, _ = export_model(cfg, "float32", TARGET)
+    p = LowerBlockFFNSparse({"decode": None, "prefill": 16})
+    out = p(mod)
+    assert p.rewritten == {"decode": cfg.num_hidden_layers, "prefill": cfg.num_hidden_layers}
+    assert all(n.endswith("_sparse") for n in calls_to(out["decode"], lambda n: n.startswith("BlockFFN")))
+    prefill_calls = calls_to(out["prefill"], lambda n: n.startswith("BlockFFN"))
+    assert prefill_calls and all(n.endswith("_sparse_c16") for n in prefill_calls)
+    kernels = set(re.findall(r"call_tir\((blockffn_\w+)", out[prefill_calls[0]].script()))
+    assert len(kernels) == 3 and all(k.endswith("_c16") for k in kernels)  # union, up, down: per-chunk unions
 
 
 def test_module_without_blockffn_is_unchanged():

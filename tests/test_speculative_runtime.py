@@ -263,3 +263,37 @@ def test_chat_repl_in_a_pseudo_terminal(art, tmp_path):
         except ProcessLookupError:
             pass
         os.close(fd)
+
+
+def test_prefill_choice_interpolates_measured_costs():
+    from blockffn.runtime.prefill_choice import PrefillChoice
+
+    choice = PrefillChoice({"sparse": {"16": 1.0, "128": 5.0}, "dense": {"16": 2.0, "128": 4.0}})
+    assert not choice.dense(16) and not choice.dense(60)  # the lines cross at 72 tokens
+    assert choice.dense(90) and choice.dense(128) and choice.dense(500)
+
+
+def test_prefill_runs_chunked_union_or_dense_whichever_measured_faster(art, tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOCKFFN_CACHE", str(tmp_path))
+    out = art[0]
+    engines_ = {ffn: Engine(out, ffn=ffn) for ffn in ("sparse", "dense", "auto")}
+    ids = _ids(engines_["sparse"], " ".join(PROMPTS * 4))  # several 16-token union chunks
+    assert len(ids) > 40
+    logits = {}
+    for ffn, e in engines_.items():
+        e.add_sequence(0)
+        logits[ffn] = e.prefill(0, ids)
+        e.reset()
+    scale = np.abs(logits["dense"]).max()
+    assert np.abs(logits["sparse"] - logits["dense"]).max() / scale <= 1e-5
+    assert np.abs(logits["auto"] - logits["dense"]).max() / scale <= 1e-5
+    auto = engines_["auto"]
+    choice = auto._prefill_choice
+    assert choice is not None and list(tmp_path.glob("prefill-choice-*.json"))  # measured once, cached
+    assert set(choice.summary()) == {16, 64}  # calibration lengths, capped by the artifact's prefill chunk
+    for n in (8, len(ids)):
+        assert auto.prefill_function("prefill", n) == ("prefill_dense" if choice.dense(n) else "prefill")
+    assert engines_["sparse"].prefill_function("prefill", len(ids)) == "prefill"
+    params = GenerationParams(max_tokens=16, greedy=True, stop_at_eos=False)
+    tokens = {ffn: Generator(e).generate(ids, params).tokens for ffn, e in engines_.items()}
+    assert tokens["sparse"] == tokens["dense"] == tokens["auto"]

@@ -32,26 +32,35 @@ class CompileOptions:
     arch: str | None = None  # CUDA SM override, e.g. sm_87
     draft: str | None = "auto"  # EAGLE draft head folder; auto: MODEL/draft when present; none: no draft
     debug_counts: bool = False  # also export *_with_stats (per-layer active-expert counts) for observability
+    union_chunk: int = 16  # prefill: a union of active experts per this many consecutive tokens
 
 
 MODEL_FUNCTIONS = ("prefill", "decode", "batch_prefill", "batch_decode", "batch_verify",
                    "prefill_to_last_hidden_states", "decode_to_last_hidden_states",
                    "batch_verify_to_last_hidden_states")
-# auto: a step's FFN touches only the union of its tokens' experts where the step has few tokens (decode,
-# speculative verification); long prefill chunks activate most experts anyway and run dense GEMMs.
-AUTO_SPARSE = ("decode", "batch_decode", "batch_verify", "decode_to_last_hidden_states",
-               "batch_verify_to_last_hidden_states")
+# A step's FFN touches only the union of its tokens' experts: over the whole call where the call has few tokens
+# (decode, speculative verification), per chunk of --union-chunk consecutive tokens in prefill (a long prompt's
+# union covers nearly every expert; a chunk's stays small because BlockFFN is trained for chunk-level sparsity).
+CALL_UNION = ("decode", "batch_decode", "batch_verify", "decode_to_last_hidden_states",
+              "batch_verify_to_last_hidden_states")
+CHUNKED_UNION = ("prefill", "batch_prefill", "prefill_to_last_hidden_states")
+AUTO_SPARSE = CALL_UNION + CHUNKED_UNION
 STATS_SUFFIX = "_with_stats"  # debug twins that also return per-layer router counts (same FFN lowering)
 
 
-def sparse_functions(policy: str) -> list[str]:
+def sparse_functions(policy: str, union_chunk: int = 16) -> dict[str, int | None]:
+    """Sparse-lowered functions -> token chunk of their union (None: the whole call).
+
+    ``auto`` and ``sparse`` lower the same functions; every one also keeps a dense twin.  Under ``auto`` the
+    runtime times chunked-union prefill against the dense twin on the device and keeps the faster; ``sparse``
+    always runs the sparse lowering."""
+    if policy not in ("dense", "sparse", "auto"):
+        raise BlockFFNError(f"unknown --ffn {policy!r}; use dense, sparse or auto")
+    if union_chunk < 1:
+        raise BlockFFNError(f"--union-chunk must be a positive number of tokens, got {union_chunk}")
     if policy == "dense":
-        return []
-    if policy == "sparse":
-        return list(MODEL_FUNCTIONS)
-    if policy == "auto":
-        return list(AUTO_SPARSE)
-    raise BlockFFNError(f"unknown --ffn {policy!r}; use dense, sparse or auto")
+        return {}
+    return {f: (union_chunk if f in CHUNKED_UNION else None) for f in AUTO_SPARSE}
 
 
 def draft_source(option: str | None, model_dir: Path) -> Path | None:
@@ -156,10 +165,10 @@ def build_library(opts: CompileOptions, cfg, preset, target, dtype: str, context
         "blockffn_version": __version__, "target": preset.name,
     }
     bounds = {"seq_len": prefill_chunk, "batch_size": opts.max_batch_size, "total_seq_len": context}
-    sparse_fns = sparse_functions(opts.ffn)
+    sparse_fns = sparse_functions(opts.ffn, opts.union_chunk)
     if opts.debug_counts:
-        sparse_fns += [f + STATS_SUFFIX for f in sparse_fns
-                       if any(f + STATS_SUFFIX == gv.name_hint for gv in mod.functions)]
+        sparse_fns.update({f + STATS_SUFFIX: c for f, c in sparse_fns.items()
+                           if any(f + STATS_SUFFIX == gv.name_hint for gv in mod.functions)})
     graph_passes = []
     if sparse_fns:
         from blockffn.relax_passes.add_dense_twins import AddDenseTwins
@@ -167,8 +176,10 @@ def build_library(opts: CompileOptions, cfg, preset, target, dtype: str, context
 
         # dense twins (`decode_dense`, ...) let the runtime and `blockffn bench` run both FFN lowerings of the
         # same weights from one library
-        graph_passes += [AddDenseTwins(sparse_fns), LowerBlockFFNSparse(sparse_fns, family=preset.kernel_family)]
-    metadata["ffn"] = {"policy": opts.ffn, "sparse_functions": sparse_fns,
+        graph_passes += [AddDenseTwins(list(sparse_fns)),
+                         LowerBlockFFNSparse(sparse_fns, family=preset.kernel_family)]
+    metadata["ffn"] = {"policy": opts.ffn, "sparse_functions": list(sparse_fns),
+                       "union_chunk": {f: c for f, c in sparse_fns.items() if c is not None},
                        "dense_twins": {f: f + DENSE_TWIN_SUFFIX for f in sparse_fns}}
     executable, functions, pass_names = lower_and_build(mod, metadata, bounds, preset, target, prefix, timer,
                                                         graph_passes)

@@ -15,6 +15,10 @@ With q4 expert weights (7 parameters: ``x, router, router_norm, up_q, up_s, down
 `blockffn.compiler.quantization`) the twin calls the q4 kernels of ``blockffn.schedules.sparse_q4`` instead,
 which dequantize each gathered expert slab in their inner loop; the router stays in full precision.
 
+For prefill a union over the whole call would cover nearly every expert; there the twin takes a union per chunk of
+``C`` consecutive tokens (``idx [NC, E]``, ``count [NC]``; see ``blockffn.schedules.chunking``) and each token's
+FFN runs over its chunk's union.
+
 Calls from other functions keep the dense body, so one module can mix policies (dense prefill, sparse decode).
 A module without BlockFFN functions passes through unchanged.
 """
@@ -34,7 +38,7 @@ def blockffn_functions(mod: tvm.IRModule) -> dict:
     """GlobalVars of the dense BlockFFN subroutines in ``mod``."""
     return {gv: f for gv, f in mod.functions.items()
             if isinstance(f, relax.Function) and gv.name_hint.startswith(BLOCKFFN_SUBROUTINE)
-            and not gv.name_hint.endswith(SPARSE_SUFFIX) and len(f.params) in (5, 7)}
+            and SPARSE_SUFFIX not in gv.name_hint and len(f.params) in (5, 7)}
 
 
 @visitor
@@ -57,30 +61,33 @@ def _router_eps(func: relax.Function) -> float:
     return v.eps
 
 
-def _kernels(family: str, E: int, De: int, d: int, dtype: str):
+def _kernels(family: str, E: int, De: int, d: int, dtype: str, chunk: int | None):
     if family == "cpu":
         from blockffn.schedules import sparse_cpu as k
 
-        return k.union_kernel(E, dtype), k.up_kernel_cpu(E, De, d, dtype), k.down_kernel_cpu(E, De, d, dtype)
+        return (k.union_kernel(E, dtype, chunk), k.up_kernel_cpu(E, De, d, dtype, chunk=chunk),
+                k.down_kernel_cpu(E, De, d, dtype, chunk=chunk))
     if family == "gpu":
         from blockffn.schedules import sparse_gpu as k
 
-        return k.union_kernel(E, dtype), k.up_kernel_gpu(E, De, d, dtype), k.down_kernel_gpu(E, De, d, dtype)
+        return (k.union_kernel(E, dtype, chunk), k.up_kernel_gpu(E, De, d, dtype, chunk=chunk),
+                k.down_kernel_gpu(E, De, d, dtype, chunk=chunk))
     raise ValueError(f"no sparse kernels for target family {family!r}")
 
 
-def _q4_kernels(family: str, E: int, De: int, d: int, dtype: str):
+def _q4_kernels(family: str, E: int, De: int, d: int, dtype: str, chunk: int | None):
     from blockffn.schedules import sparse_q4 as q4
 
     if family not in ("cpu", "gpu"):
         raise ValueError(f"no sparse kernels for target family {family!r}")
-    union = _kernels(family, E, De, d, dtype)[0]
+    union = _kernels(family, E, De, d, dtype, chunk)[0]
     if family == "cpu":
-        return union, q4.up_kernel_cpu(E, De, d, dtype), q4.down_kernel_cpu(E, De, d, dtype)
-    return union, q4.up_kernel_gpu(E, De, d, dtype), q4.down_kernel_gpu(E, De, d, dtype)
+        return union, q4.up_kernel_cpu(E, De, d, dtype, chunk=chunk), q4.down_kernel_cpu(E, De, d, dtype, chunk=chunk)
+    return union, q4.up_kernel_gpu(E, De, d, dtype, chunk=chunk), q4.down_kernel_gpu(E, De, d, dtype, chunk=chunk)
 
 
-def _build_sparse_twin(bb: relax.BlockBuilder, name: str, dense: relax.Function, family: str) -> tvm.ir.GlobalVar:
+def _build_sparse_twin(bb: relax.BlockBuilder, name: str, dense: relax.Function, family: str,
+                       chunk: int | None) -> tvm.ir.GlobalVar:
     x_ty, router_ty, _, up_ty = [p.ty for p in dense.params[:4]]
     E, d = (int(v) for v in router_ty.shape)
     quantized = len(dense.params) == 7
@@ -88,24 +95,26 @@ def _build_sparse_twin(bb: relax.BlockBuilder, name: str, dense: relax.Function,
     dtype = x_ty.dtype
     eps = _router_eps(dense)
     # kernels are private (no global_symbol) so the same kernel added for several layers' twins is deduplicated
-    kernels = (_q4_kernels if quantized else _kernels)(family, E, De, d, dtype)
+    kernels = (_q4_kernels if quantized else _kernels)(family, E, De, d, dtype, chunk)
     f_union, f_up, f_down = (f.without_attr("global_symbol") for f in kernels)
     kind = "_q4" if quantized else ""
-    gv_union = bb.add_func(f_union, f"blockffn_union_e{E}")
-    gv_up = bb.add_func(f_up, f"blockffn_sparse_up{kind}_e{E}_de{De}_d{d}_{dtype}")
-    gv_down = bb.add_func(f_down, f"blockffn_sparse_down{kind}_e{E}_de{De}_d{d}_{dtype}")
+    tag = "" if chunk is None else f"_c{chunk}"
+    gv_union = bb.add_func(f_union, f"blockffn_union_e{E}{tag}")
+    gv_up = bb.add_func(f_up, f"blockffn_sparse_up{kind}_e{E}_de{De}_d{d}_{dtype}{tag}")
+    gv_down = bb.add_func(f_down, f"blockffn_sparse_down{kind}_e{E}_de{De}_d{d}_{dtype}{tag}")
     params = [relax.Var(p.name, p.ty) for p in dense.params]
     x, w_router, w_norm = params[:3]
     w_up, w_down = (params[3:5], params[5:7]) if quantized else ([params[3]], [params[4]])
     b, s = x_ty.shape[0], x_ty.shape[1]
-    with bb.function(name + SPARSE_SUFFIX, params, private=True):
+    with bb.function(name + SPARSE_SUFFIX + tag, params, private=True):
         with bb.dataflow():
             n = b * s
+            n_chunks = 1 if chunk is None else (n + chunk - 1) // chunk
             x2 = bb.emit(relax.op.reshape(x, relax.ShapeExpr([n, d])))
             a0 = bb.emit(relax.op.matmul(x2, relax.op.permute_dims(w_router)))
             gate = bb.emit(relax.op.nn.rms_norm(relax.op.nn.relu(a0), w_norm, axes=[-1], epsilon=eps))
-            union = bb.emit(relax.call_tir(gv_union, [a0], [relax.TensorType((E,), "int32"),
-                                                            relax.TensorType((1,), "int32")]))
+            union = bb.emit(relax.call_tir(gv_union, [a0], [relax.TensorType((n_chunks, E), "int32"),
+                                                            relax.TensorType((n_chunks,), "int32")]))
             idx, count = bb.emit(relax.TupleGetItem(union, 0)), bb.emit(relax.TupleGetItem(union, 1))
             h = bb.emit(relax.call_tir(gv_up, [x2, gate, *w_up, idx, count],
                                        relax.TensorType([n, E, De], "float32")))
@@ -134,26 +143,30 @@ class _Redirect(PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="LowerBlockFFNSparse")
 class LowerBlockFFNSparse:
-    """Redirect BlockFFN calls in ``functions`` to their sparse twins (kernels for ``family``: cpu or gpu)."""
+    """Redirect BlockFFN calls in ``functions`` to their sparse twins (kernels for ``family``: cpu or gpu).
+
+    ``functions``: names (each call's union over all its tokens), or a dict name -> token chunk size (None: the
+    whole call; C: a union per C consecutive tokens, for prefill)."""
 
     def __init__(self, functions, family: str = "cpu"):
-        self.functions = set(functions)
+        self.chunks = dict(functions) if isinstance(functions, dict) else dict.fromkeys(functions)
         self.family = family
         self.rewritten: dict[str, int] = {}
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         dense = blockffn_functions(mod)
         targets = [gv for gv, f in mod.functions.items()
-                   if isinstance(f, relax.Function) and gv.name_hint in self.functions]
+                   if isinstance(f, relax.Function) and gv.name_hint in self.chunks]
         if not dense or not targets:
             return mod
         bb = relax.BlockBuilder(mod)
-        mapping = {gv: _build_sparse_twin(bb, gv.name_hint, f, self.family) for gv, f in dense.items()}
+        mappings = {chunk: {gv: _build_sparse_twin(bb, gv.name_hint, f, self.family, chunk)
+                            for gv, f in dense.items()}
+                    for chunk in sorted({self.chunks[gv.name_hint] for gv in targets}, key=lambda c: c or 0)}
         mod = bb.get()
-        redirect = _Redirect(mod, mapping)
+        builder = relax.BlockBuilder(mod)
         for gv in targets:
-            before = redirect.count
-            redirect.builder_.update_func(gv, redirect.visit_expr(mod[gv]))
-            self.rewritten[gv.name_hint] = redirect.count - before
-        mod = redirect.builder_.get()
-        return relax.transform.DeadCodeElimination()(mod)
+            redirect = _Redirect(mod, mappings[self.chunks[gv.name_hint]])
+            builder.update_func(gv, redirect.visit_expr(mod[gv]))
+            self.rewritten[gv.name_hint] = redirect.count
+        return relax.transform.DeadCodeElimination()(builder.get())

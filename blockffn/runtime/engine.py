@@ -183,8 +183,10 @@ class Engine(PagedModel):
 
     def __init__(self, artifact_dir, device: str = "cpu", max_total_seq_len: int | None = None,
                  page_size: int = 16, verify_md5: bool = True, ffn: str = "auto"):
-        """``ffn``: ``auto`` runs the functions as compiled (sparse where the artifact's policy made them sparse);
-        ``dense`` runs the dense twins of those functions (same weights, every expert computed)."""
+        """``ffn``: ``auto`` runs the functions as compiled (sparse where the artifact's policy made them sparse),
+        except that prefill calls of a ``--ffn auto`` build run chunked-union or dense, whichever measured faster on
+        this device (`blockffn.runtime.prefill_choice`); ``sparse`` always runs the sparse lowering; ``dense`` runs
+        the dense twins (same weights, every expert computed)."""
         self.art: Artifact = open_artifact(artifact_dir, verify_md5=verify_md5)
         m = self.art.manifest
         if m["target"]["device"] != device:
@@ -196,14 +198,29 @@ class Engine(PagedModel):
         self.ffn = ffn
         self._names = self._function_names(ffn)
         self._tokenizer = None
+        self._prefill_choice = False  # not measured yet; None: nothing to choose
 
     def _function_names(self, ffn: str) -> dict:
         twins = (self.art.manifest.get("ffn") or {}).get("dense_twins", {})
-        if ffn == "auto":
+        if ffn in ("auto", "sparse"):
             return {}
         if ffn == "dense":
             return dict(twins)
-        raise BlockFFNError(f"unknown ffn mode {ffn!r}; use auto (as compiled) or dense")
+        raise BlockFFNError(f"unknown ffn mode {ffn!r}; use auto, sparse or dense")
+
+    def prefill_function(self, name: str, n_tokens: int) -> str:
+        """``name`` or its dense twin for an ``n_tokens`` prefill call (see `__init__`'s ``ffn``)."""
+        if self.ffn != "auto" or (self.art.manifest.get("ffn") or {}).get("policy") != "auto":
+            return name
+        if self._prefill_choice is False:
+            from blockffn.runtime.prefill_choice import prefill_choice
+
+            self._prefill_choice = None  # while measuring: the measurement itself runs both explicitly
+            self._prefill_choice = prefill_choice(self)
+        twin = name + "_dense"
+        if self._prefill_choice is not None and twin in self.functions and self._prefill_choice.dense(n_tokens):
+            return twin
+        return name
 
     @property
     def tokenizer(self):
@@ -237,7 +254,7 @@ class Engine(PagedModel):
         for i in range(0, len(token_ids), self.prefill_chunk):
             chunk = token_ids[i: i + self.prefill_chunk]
             emb = self._reshaped_embeds(chunk, (1, len(chunk), self.cfg.hidden_size))
-            logits = self._forward("prefill", [seq_id], [len(chunk)], [emb])
+            logits = self._forward(self.prefill_function("prefill", len(chunk)), [seq_id], [len(chunk)], [emb])
         return logits.numpy()[0, -1]
 
     def decode(self, seq_id: int, token: int) -> np.ndarray:
@@ -254,7 +271,8 @@ class Engine(PagedModel):
             raise BlockFFNError(f"batch_prefill of {len(flat)} tokens exceeds the prefill chunk {self.prefill_chunk}")
         emb = self._reshaped_embeds(flat, (1, len(flat), self.cfg.hidden_size))
         positions = self._tensor(np.cumsum(lengths).astype(np.int32) - 1)
-        return self._forward("batch_prefill", seq_ids, lengths, [emb, positions]).numpy()[0]
+        func = self.prefill_function("batch_prefill", len(flat))
+        return self._forward(func, seq_ids, lengths, [emb, positions]).numpy()[0]
 
     def batch_decode(self, seq_ids, tokens) -> np.ndarray:
         self._check_room(seq_ids, [1] * len(seq_ids))
@@ -292,7 +310,8 @@ class Engine(PagedModel):
         for i in range(0, len(token_ids), self.prefill_chunk):
             chunk = token_ids[i: i + self.prefill_chunk]
             emb = self._reshaped_embeds(chunk, (1, len(chunk), self.cfg.hidden_size))
-            parts.append(self._forward("prefill_to_last_hidden_states", [seq_id], [len(chunk)], [emb]).numpy()[0])
+            func = self.prefill_function("prefill_to_last_hidden_states", len(chunk))
+            parts.append(self._forward(func, [seq_id], [len(chunk)], [emb]).numpy()[0])
         return np.concatenate(parts)
 
     def decode_hidden(self, seq_id: int, token: int) -> np.ndarray:

@@ -21,12 +21,11 @@ estimates can recover.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from blockffn.runtime.measurements import best_time, cached_measurement
 
 
 @dataclass
@@ -43,17 +42,6 @@ class CostProfile:
         return float(np.interp(n, xs, ys, right=ys[-1] + (n - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])))
 
 
-def _best_time(fn, repeat: int = 7) -> float:
-    """Fastest of ``repeat`` runs after a warm-up: the cost without interference from other processes."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.min(times))
-
-
 def measure_profile(engine, drafter, verify_sizes=(2, 4, 8, 16, 32), tree=(10, 3, 31), seq_id: int = 7) -> CostProfile:
     """Times the library calls on a scratch sequence (and the draft's own scratch state)."""
     cfg = engine.cfg
@@ -67,7 +55,7 @@ def measure_profile(engine, drafter, verify_sizes=(2, 4, 8, 16, 32), tree=(10, 3
             engine.decode(seq_id, 1)
             engine.popn(seq_id, 1)
 
-        t_decode = _best_time(decode)
+        t_decode = best_time(decode)
         t_verify = {}
         for n in verify_sizes:
             toks = [int(t) for t in rng.integers(0, cfg.vocab_size, n)]
@@ -76,7 +64,7 @@ def measure_profile(engine, drafter, verify_sizes=(2, 4, 8, 16, 32), tree=(10, 3
                 engine.batch_verify(seq_id, toks, list(range(-1, len(toks) - 1)))
                 engine.commit_tree(seq_id, -1)
 
-            t_verify[n] = _best_time(verify, repeat=3)
+            t_verify[n] = best_time(verify, repeat=3)
     finally:
         engine.remove_sequence(seq_id)
     t_step = t_tree = 0.0
@@ -89,36 +77,22 @@ def measure_profile(engine, drafter, verify_sizes=(2, 4, 8, 16, 32), tree=(10, 3
             finally:
                 engine.remove_sequence(seq_id)
         drafter.begin(prompt, 1, hidden)
-        t_step = _best_time(lambda: drafter.chain(2, 0.0, 1.0, None), repeat=3) / 2
+        t_step = best_time(lambda: drafter.chain(2, 0.0, 1.0, None), repeat=3) / 2
         if drafter.kind == "eagle":
-            t_tree = _best_time(lambda: drafter.tree(*tree), repeat=3)
+            t_tree = best_time(lambda: drafter.tree(*tree), repeat=3)
     return CostProfile(t_decode, t_verify, t_step, t_tree)
 
 
 def cached_profile(engine, drafter, ffn: str) -> CostProfile:
     """`measure_profile`, cached on disk per library file, draft library, device and FFN mode."""
-    key_src = [str(engine.art.library.resolve()), str(engine.art.library.stat().st_mtime), engine.device, ffn,
-               "" if drafter is None else f"{drafter.kind}:{getattr(drafter, 'folder', '')}"]
-    key = hashlib.sha256("|".join(key_src).encode()).hexdigest()[:16]
-    from blockffn import cache_dir
-
-    path = cache_dir() / f"spec-profile-{key}.json"
-    if path.exists():
-        try:
-            d = json.loads(path.read_text())
-            return CostProfile(d["t_decode"], {int(k): v for k, v in d["t_verify"].items()}, d["t_draft_step"],
-                               d["t_tree"])
-        except (ValueError, KeyError):
-            pass  # stale or corrupt: measure again
-    prof = measure_profile(engine, drafter)
+    parts = [engine.device, ffn, "" if drafter is None else f"{drafter.kind}:{getattr(drafter, 'folder', '')}"]
+    d = cached_measurement("spec-profile", engine.art.library, parts,
+                           lambda: measure_profile(engine, drafter).__dict__)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(prof.__dict__))
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only home only costs a re-measurement
-    return prof
+        return CostProfile(d["t_decode"], {int(k): v for k, v in d["t_verify"].items()}, d["t_draft_step"],
+                           d["t_tree"])
+    except (KeyError, TypeError, AttributeError):
+        return measure_profile(engine, drafter)  # an entry of another format: measure, do not trust it
 
 
 @dataclass

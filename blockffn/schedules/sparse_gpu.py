@@ -1,8 +1,8 @@
 """Count-bounded sparse BlockFFN kernels for GPU targets (CUDA; written in portable TIR thread bindings).
 
-Same contract as ``sparse_cpu`` (see its docstring).  Grid layout:
+Same contract as ``sparse_cpu`` (see its docstring; token chunks as in ``chunking``).  Grid layout:
 
-* ``union`` - one thread scans the E×T router logits and compacts the union (E ≤ a few hundred: negligible).
+* ``union`` - one thread per chunk scans the chunk's E×C router logits and compacts its union (negligible).
 * ``up``    - block = (expert slot j, 8 rows of the expert); slots ≥ count exit at once.  128 threads stride over
   the hidden size (coalesced, each weight element read once per token), keep 8 partial dot products in registers
   and sum them with a shared-memory tree; SiLU and the token's gate are applied by the first threads.
@@ -16,18 +16,21 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from blockffn.schedules.chunking import Chunking
 
-def union_kernel(E: int, dtype: str):
+
+def union_kernel(E: int, dtype: str, chunk: int | None = None):
     zero = T.Cast(dtype, 0)
+    ch = Chunking(chunk)
 
     @T.prim_func(s_tir=True)
     def blockffn_union_gpu(a0_h: T.handle, idx_h: T.handle, cnt_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         n_tok = T.int64()
         a0 = T.match_buffer(a0_h, (n_tok, E), dtype)
-        idx = T.match_buffer(idx_h, (E,), "int32")
-        cnt = T.match_buffer(cnt_h, (1,), "int32")
-        for bx in T.thread_binding(1, thread="blockIdx.x"):
+        idx = T.match_buffer(idx_h, (ch.count(n_tok), E), "int32")
+        cnt = T.match_buffer(cnt_h, (ch.count(n_tok),), "int32")
+        for b in T.thread_binding(ch.count(n_tok), thread="blockIdx.x"):
             for tx in T.thread_binding(1, thread="threadIdx.x"):
                 with T.sblock("union"):
                     c = T.sblock_alloc_buffer((1,), "int32", scope="local")
@@ -35,14 +38,14 @@ def union_kernel(E: int, dtype: str):
                     c[0] = 0
                     for e in range(E):
                         flag[0] = 0
-                        for t in range(n_tok):
-                            if a0[t, e] > zero:
+                        for t in range(ch.tokens(b, n_tok)):
+                            if a0[ch.start(b) + t, e] > zero:
                                 flag[0] = 1
-                        idx[e] = 0
+                        idx[b, e] = 0
                         if flag[0] == 1:
-                            idx[c[0]] = e
+                            idx[b, c[0]] = e
                             c[0] = c[0] + 1
-                    cnt[0] = c[0]
+                    cnt[b] = c[0]
 
     return blockffn_union_gpu
 
@@ -51,12 +54,13 @@ def _divisor(n: int, at_most: int) -> int:
     return next(v for v in range(min(n, at_most), 0, -1) if n % v == 0)
 
 
-def up_kernel_gpu(E: int, De: int, d: int, dtype: str, threads: int = 128, rows: int = 8):
+def up_kernel_gpu(E: int, De: int, d: int, dtype: str, threads: int = 128, rows: int = 8, chunk: int | None = None):
     """Block (slot j, chunk of ``rows`` expert rows); its threads stride over d (coalesced weight reads), each
     keeping ``rows`` partial dot products, summed by TVM's cross-thread allreduce (warp shuffles on CUDA/Metal,
     shared memory on OpenCL).  Slots past ``count`` exit at once."""
     NT = next(v for v in (threads, 64, 32, 16, 8, 4, 2, 1) if d % v == 0)  # threads stride d exactly
     RB = _divisor(De, rows)
+    ch = Chunking(chunk)
 
     @T.prim_func(s_tir=True)
     def blockffn_sparse_up_gpu(x_h: T.handle, gate_h: T.handle, up_h: T.handle, idx_h: T.handle, cnt_h: T.handle,
@@ -66,8 +70,8 @@ def up_kernel_gpu(E: int, De: int, d: int, dtype: str, threads: int = 128, rows:
         x = T.match_buffer(x_h, (n_tok, d), dtype)
         gate = T.match_buffer(gate_h, (n_tok, E), dtype)
         up = T.match_buffer(up_h, (E * De, d), dtype)
-        idx = T.match_buffer(idx_h, (E,), "int32")
-        cnt = T.match_buffer(cnt_h, (1,), "int32")
+        idx = T.match_buffer(idx_h, (ch.count(n_tok), E), "int32")
+        cnt = T.match_buffer(cnt_h, (ch.count(n_tok),), "int32")
         h = T.match_buffer(h_h, (n_tok, E, De), "float32")
         for j in T.thread_binding(E, thread="blockIdx.x"):
             for c in T.thread_binding(De // RB, thread="blockIdx.y"):
@@ -78,15 +82,15 @@ def up_kernel_gpu(E: int, De: int, d: int, dtype: str, threads: int = 128, rows:
                         xv = T.sblock_alloc_buffer((1,), "float32", scope="local")
                         one = T.sblock_alloc_buffer((1,), "float32", scope="local")
                         sum1 = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                        if j < cnt[0]:
-                            for t in range(n_tok):
+                        for t in range(n_tok):
+                            if j < cnt[ch.of(t)]:
                                 for r in T.unroll(RB):
                                     acc[r] = T.float32(0)
                                 for i0 in range(d // NT):
                                     xv[0] = T.Cast("float32", x[t, i0 * NT + tx])
                                     for r in T.unroll(RB):
                                         acc[r] = acc[r] + xv[0] * T.Cast(
-                                            "float32", up[idx[j] * De + c * RB + r, i0 * NT + tx])
+                                            "float32", up[idx[ch.of(t), j] * De + c * RB + r, i0 * NT + tx])
                                 for r in range(RB):  # allreduce operands must be scalars (index 0)
                                     one[0] = acc[r]
                                     with T.sblock("row_sum"):
@@ -99,12 +103,13 @@ def up_kernel_gpu(E: int, De: int, d: int, dtype: str, threads: int = 128, rows:
                                 if tx == 0:
                                     for r in range(RB):
                                         h[t, j, c * RB + r] = tot[r] / (T.float32(1) + T.exp(T.float32(0) - tot[r])) * (
-                                            T.Cast("float32", gate[t, idx[j]]))
+                                            T.Cast("float32", gate[t, idx[ch.of(t), j]]))
 
     return blockffn_sparse_up_gpu
 
 
-def down_kernel_gpu(E: int, De: int, d: int, dtype: str, lanes: int = 32, slices: int = 8):
+def down_kernel_gpu(E: int, De: int, d: int, dtype: str, lanes: int = 32, slices: int = 8,
+                    chunk: int | None = None):
     """Block (``lanes`` output features, token t); ``slices`` thread rows split the (active slot, expert row)
     pairs, each accumulating coalesced weight-row reads, then a shared-memory sum over the slices.  Pairs past
     ``count * De`` are skipped."""
@@ -112,6 +117,7 @@ def down_kernel_gpu(E: int, De: int, d: int, dtype: str, lanes: int = 32, slices
     KS = slices
     steps = KS.bit_length() - 1
     pairs = (E * De + KS - 1) // KS
+    ch = Chunking(chunk)
 
     @T.prim_func(s_tir=True)
     def blockffn_sparse_down_gpu(h_h: T.handle, down_h: T.handle, idx_h: T.handle, cnt_h: T.handle,
@@ -120,8 +126,8 @@ def down_kernel_gpu(E: int, De: int, d: int, dtype: str, lanes: int = 32, slices
         n_tok = T.int64()
         h = T.match_buffer(h_h, (n_tok, E, De), "float32")
         down = T.match_buffer(down_h, (E * De, d), dtype)
-        idx = T.match_buffer(idx_h, (E,), "int32")
-        cnt = T.match_buffer(cnt_h, (1,), "int32")
+        idx = T.match_buffer(idx_h, (ch.count(n_tok), E), "int32")
+        cnt = T.match_buffer(cnt_h, (ch.count(n_tok),), "int32")
         y = T.match_buffer(y_h, (n_tok, d), "float32")
         for ob in T.thread_binding(d // OB, thread="blockIdx.x"):
             for t in T.thread_binding(n_tok, thread="blockIdx.y"):
@@ -132,9 +138,9 @@ def down_kernel_gpu(E: int, De: int, d: int, dtype: str, lanes: int = 32, slices
                             acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
                             acc[0] = T.float32(0)
                             for p0 in range(pairs):
-                                if p0 * KS + ks < cnt[0] * De:
+                                if p0 * KS + ks < cnt[ch.of(t)] * De:
                                     acc[0] = acc[0] + h[t, (p0 * KS + ks) // De, (p0 * KS + ks) % De] * T.Cast(
-                                        "float32", down[idx[(p0 * KS + ks) // De] * De + (p0 * KS + ks) % De,
+                                        "float32", down[idx[ch.of(t), (p0 * KS + ks) // De] * De + (p0 * KS + ks) % De,
                                                         ob * OB + o])
                             red[ks, o] = acc[0]
                             T.tvm_storage_sync("shared")

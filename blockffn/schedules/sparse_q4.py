@@ -1,6 +1,7 @@
 """Count-bounded sparse BlockFFN kernels over q4 expert weights (q4f16_1 / q4f32_1), CPU and GPU families.
 
-Same contract as ``sparse_cpu`` (union → gathered up → gathered down, slots past ``count`` skipped), but the
+Same contract as ``sparse_cpu`` (per token chunk: union → gathered up → gathered down, slots past ``count``
+skipped), but the
 expert weights are MLC's expert-major q4 slabs, dequantized inside the inner loop (never stored in full
 precision): ``up_q [E, De, d/8]`` / ``up_s [E, De, d/32]`` and ``down_q [E, d, De/8]`` / ``down_s [E, d, De/32]``,
 value ``(nibble − 7)·scale``, nibble ``j`` of a word at bits ``4·(j % 8)``.  Products are accumulated in fp32
@@ -17,6 +18,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from blockffn.compiler.quantization import BITS, GROUP_SIZE, MAX_INT, PER_WORD
+from blockffn.schedules.chunking import Chunking
 
 WPG = GROUP_SIZE // PER_WORD  # uint32 words per scale group
 
@@ -31,9 +33,10 @@ def _silu_gate(s, g):
     return s / (T.float32(1) + T.exp(T.float32(0) - s)) * T.Cast("float32", g)
 
 
-def up_kernel_cpu(E: int, De: int, d: int, dtype: str, groups: int = 4):
+def up_kernel_cpu(E: int, De: int, d: int, dtype: str, groups: int = 4, chunk: int | None = None):
     """Parallel over (row group, slot), row group outermost, so the active slots' work splits evenly over threads
-    (see ``sparse_cpu.up_kernel_cpu``); each expert row is decoded once and serves every token."""
+    (see ``sparse_cpu.up_kernel_cpu``); each expert row is decoded once per chunk and serves its tokens."""
+    ch = Chunking(chunk)
     VL = PER_WORD
     G = next(g for g in range(min(groups, De), 0, -1) if De % g == 0)
     GR = De // G  # rows per group
@@ -47,34 +50,39 @@ def up_kernel_cpu(E: int, De: int, d: int, dtype: str, groups: int = 4):
         gate = T.match_buffer(gate_h, (n_tok, E), dtype)
         q = T.match_buffer(q_h, (E, De, d // PER_WORD), "uint32")
         sc = T.match_buffer(s_h, (E, De, d // GROUP_SIZE), dtype)
-        idx = T.match_buffer(idx_h, (E,), "int32")
-        cnt = T.match_buffer(cnt_h, (1,), "int32")
+        idx = T.match_buffer(idx_h, (ch.count(n_tok), E), "int32")
+        cnt = T.match_buffer(cnt_h, (ch.count(n_tok),), "int32")
         h = T.match_buffer(h_h, (n_tok, E, De), "float32")
         for p in T.parallel(G * E):
             with T.sblock("slot"):
                 row = T.sblock_alloc_buffer((d,), "float32", scope="local")
                 acc = T.sblock_alloc_buffer((VL,), "float32", scope="local")
                 s = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                if p % E < cnt[0]:
-                    for kk in range(GR):
-                        for w in range(d // PER_WORD):
-                            for v in T.vectorized(VL):
-                                row[w * VL + v] = _decode(q[idx[p % E], p // E * GR + kk, w], v, sc[idx[p % E], p // E * GR + kk, w // WPG])
-                        for t in range(n_tok):
-                            for v in T.vectorized(VL):
-                                acc[v] = T.float32(0)
-                            for w in range(d // VL):
+                for b in range(ch.count(n_tok)):
+                    if p % E < cnt[b]:
+                        for kk in range(GR):
+                            for w in range(d // PER_WORD):
                                 for v in T.vectorized(VL):
-                                    acc[v] = acc[v] + T.Cast("float32", x[t, w * VL + v]) * row[w * VL + v]
-                            s[0] = T.float32(0)
-                            for v in range(VL):
-                                s[0] = s[0] + acc[v]
-                            h[t, p % E, p // E * GR + kk] = _silu_gate(s[0], gate[t, idx[p % E]])
+                                    row[w * VL + v] = _decode(q[idx[b, p % E], p // E * GR + kk, w], v,
+                                                              sc[idx[b, p % E], p // E * GR + kk, w // WPG])
+                            for t in range(ch.tokens(b, n_tok)):
+                                for v in T.vectorized(VL):
+                                    acc[v] = T.float32(0)
+                                for w in range(d // VL):
+                                    for v in T.vectorized(VL):
+                                        acc[v] = acc[v] + T.Cast("float32", x[ch.start(b) + t, w * VL + v]) * row[
+                                            w * VL + v]
+                                s[0] = T.float32(0)
+                                for v in range(VL):
+                                    s[0] = s[0] + acc[v]
+                                h[ch.start(b) + t, p % E, p // E * GR + kk] = _silu_gate(
+                                    s[0], gate[ch.start(b) + t, idx[b, p % E]])
 
     return blockffn_sparse_up_q4
 
 
-def down_kernel_cpu(E: int, De: int, d: int, dtype: str):
+def down_kernel_cpu(E: int, De: int, d: int, dtype: str, chunk: int | None = None):
+    ch = Chunking(chunk)
     VL = PER_WORD
     OB = next(v for v in (16, 8, 4, 2, 1) if d % v == 0)
 
@@ -86,8 +94,8 @@ def down_kernel_cpu(E: int, De: int, d: int, dtype: str):
         h = T.match_buffer(h_h, (n_tok, E, De), "float32")
         q = T.match_buffer(q_h, (E, d, De // PER_WORD), "uint32")
         sc = T.match_buffer(s_h, (E, d, De // GROUP_SIZE), dtype)
-        idx = T.match_buffer(idx_h, (E,), "int32")
-        cnt = T.match_buffer(cnt_h, (1,), "int32")
+        idx = T.match_buffer(idx_h, (ch.count(n_tok), E), "int32")
+        cnt = T.match_buffer(cnt_h, (ch.count(n_tok),), "int32")
         y = T.match_buffer(y_h, (n_tok, d), "float32")
         for ob in T.parallel(d // OB):
             with T.sblock("out_block"):
@@ -97,28 +105,31 @@ def down_kernel_cpu(E: int, De: int, d: int, dtype: str):
                 for t in range(n_tok):
                     for o in range(OB):
                         y[t, ob * OB + o] = T.float32(0)
-                for j in range(E):
-                    if j < cnt[0]:
-                        for o in range(OB):
-                            for w in range(De // PER_WORD):
-                                for v in T.vectorized(VL):
-                                    row[w * VL + v] = _decode(q[idx[j], ob * OB + o, w], v,
-                                                              sc[idx[j], ob * OB + o, w // WPG])
-                            for t in range(n_tok):
-                                for v in T.vectorized(VL):
-                                    acc[v] = T.float32(0)
-                                for w in range(De // VL):
+                for b in range(ch.count(n_tok)):
+                    for j in range(E):
+                        if j < cnt[b]:
+                            for o in range(OB):
+                                for w in range(De // PER_WORD):
                                     for v in T.vectorized(VL):
-                                        acc[v] = acc[v] + h[t, j, w * VL + v] * row[w * VL + v]
-                                s[0] = T.float32(0)
-                                for v in range(VL):
-                                    s[0] = s[0] + acc[v]
-                                y[t, ob * OB + o] = y[t, ob * OB + o] + s[0]
+                                        row[w * VL + v] = _decode(q[idx[b, j], ob * OB + o, w], v,
+                                                                  sc[idx[b, j], ob * OB + o, w // WPG])
+                                for t in range(ch.tokens(b, n_tok)):
+                                    for v in T.vectorized(VL):
+                                        acc[v] = T.float32(0)
+                                    for w in range(De // VL):
+                                        for v in T.vectorized(VL):
+                                            acc[v] = acc[v] + h[ch.start(b) + t, j, w * VL + v] * row[w * VL + v]
+                                    s[0] = T.float32(0)
+                                    for v in range(VL):
+                                        s[0] = s[0] + acc[v]
+                                    y[ch.start(b) + t, ob * OB + o] = y[ch.start(b) + t, ob * OB + o] + s[0]
 
     return blockffn_sparse_down_q4
 
 
-def up_kernel_gpu(E: int, De: int, d: int, dtype: str):
+def up_kernel_gpu(E: int, De: int, d: int, dtype: str, chunk: int | None = None):
+    ch = Chunking(chunk)
+
     @T.prim_func(s_tir=True)
     def blockffn_sparse_up_q4_gpu(x_h: T.handle, gate_h: T.handle, q_h: T.handle, s_h: T.handle,
                                   idx_h: T.handle, cnt_h: T.handle, h_h: T.handle):
@@ -128,26 +139,27 @@ def up_kernel_gpu(E: int, De: int, d: int, dtype: str):
         gate = T.match_buffer(gate_h, (n_tok, E), dtype)
         q = T.match_buffer(q_h, (E, De, d // PER_WORD), "uint32")
         sc = T.match_buffer(s_h, (E, De, d // GROUP_SIZE), dtype)
-        idx = T.match_buffer(idx_h, (E,), "int32")
-        cnt = T.match_buffer(cnt_h, (1,), "int32")
+        idx = T.match_buffer(idx_h, (ch.count(n_tok), E), "int32")
+        cnt = T.match_buffer(cnt_h, (ch.count(n_tok),), "int32")
         h = T.match_buffer(h_h, (n_tok, E, De), "float32")
         for j in T.thread_binding(E, thread="blockIdx.x"):
             for k in T.thread_binding(De, thread="threadIdx.x"):
                 with T.sblock("up"):
                     acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                    if j < cnt[0]:
-                        for t in range(n_tok):
+                    for t in range(n_tok):
+                        if j < cnt[ch.of(t)]:
                             acc[0] = T.float32(0)
                             for w in range(d // PER_WORD):
                                 for v in T.unroll(PER_WORD):
                                     acc[0] = acc[0] + T.Cast("float32", x[t, w * PER_WORD + v]) * _decode(
-                                        q[idx[j], k, w], v, sc[idx[j], k, w // WPG])
-                            h[t, j, k] = _silu_gate(acc[0], gate[t, idx[j]])
+                                        q[idx[ch.of(t), j], k, w], v, sc[idx[ch.of(t), j], k, w // WPG])
+                            h[t, j, k] = _silu_gate(acc[0], gate[t, idx[ch.of(t), j]])
 
     return blockffn_sparse_up_q4_gpu
 
 
-def down_kernel_gpu(E: int, De: int, d: int, dtype: str):
+def down_kernel_gpu(E: int, De: int, d: int, dtype: str, chunk: int | None = None):
+    ch = Chunking(chunk)
     OB = next(v for v in (128, 64, 32, 16, 8, 4, 2, 1) if d % v == 0)
 
     @T.prim_func(s_tir=True)
@@ -158,8 +170,8 @@ def down_kernel_gpu(E: int, De: int, d: int, dtype: str):
         h = T.match_buffer(h_h, (n_tok, E, De), "float32")
         q = T.match_buffer(q_h, (E, d, De // PER_WORD), "uint32")
         sc = T.match_buffer(s_h, (E, d, De // GROUP_SIZE), dtype)
-        idx = T.match_buffer(idx_h, (E,), "int32")
-        cnt = T.match_buffer(cnt_h, (1,), "int32")
+        idx = T.match_buffer(idx_h, (ch.count(n_tok), E), "int32")
+        cnt = T.match_buffer(cnt_h, (ch.count(n_tok),), "int32")
         y = T.match_buffer(y_h, (n_tok, d), "float32")
         for ob in T.thread_binding(d // OB, thread="blockIdx.x"):
             for o in T.thread_binding(OB, thread="threadIdx.x"):
@@ -168,11 +180,12 @@ def down_kernel_gpu(E: int, De: int, d: int, dtype: str):
                     for t in range(n_tok):
                         acc[0] = T.float32(0)
                         for j in range(E):
-                            if j < cnt[0]:
+                            if j < cnt[ch.of(t)]:
                                 for w in range(De // PER_WORD):
                                     for v in T.unroll(PER_WORD):
                                         acc[0] = acc[0] + h[t, j, w * PER_WORD + v] * _decode(
-                                            q[idx[j], ob * OB + o, w], v, sc[idx[j], ob * OB + o, w // WPG])
+                                            q[idx[ch.of(t), j], ob * OB + o, w], v,
+                                            sc[idx[ch.of(t), j], ob * OB + o, w // WPG])
                         y[t, ob * OB + o] = acc[0]
 
     return blockffn_sparse_down_q4_gpu

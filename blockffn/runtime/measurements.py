@@ -1,0 +1,51 @@
+"""Device measurements the runtime makes once and keeps: cached on disk per library file, device and mode.
+
+Timing library calls takes a second or two; repeating it at every start-up would cost more than it saves on a
+short generation, so results live in ``blockffn.cache_dir()`` keyed by the library's path and mtime (a rebuilt
+library is measured again).  A read-only or corrupt cache only costs a re-measurement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+def best_time(fn, repeat: int = 7) -> float:
+    """Fastest of ``repeat`` runs after a warm-up: the cost without interference from other processes."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.min(times))
+
+
+def cached_measurement(kind: str, library: Path, parts: list[str], measure: Callable[[], dict]) -> dict:
+    """``measure()`` (a JSON-able dict), cached under ``kind`` for this library file and the key ``parts``."""
+    library = Path(library)
+    key_src = [str(library.resolve()), str(library.stat().st_mtime), *parts]
+    key = hashlib.sha256("|".join(key_src).encode()).hexdigest()[:16]
+    from blockffn import cache_dir
+
+    path = cache_dir() / f"{kind}-{key}.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            pass  # corrupt: measure again
+    result = measure()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home only costs a re-measurement
+    return result
