@@ -71,7 +71,9 @@ def test_sparse_q4_equals_dense_q4_and_numpy(q4_vms, name, T, kind, seed):
         assert not sparse.any()
         return
     scale = np.abs(ref).max()
-    assert np.abs(sparse - dense).max() / scale <= (1e-5 if scheme.dtype == "float32" else 1e-3)
+    # fp16: the dense path rounds the up-projection output h to fp16, the sparse kernels keep it in fp32, so they
+    # differ by a few fp16 ulps (one ulp at the output's scale is ≈ 5e-4 of it)
+    assert np.abs(sparse - dense).max() / scale <= (1e-5 if scheme.dtype == "float32" else 2e-3)
     # fp16 models also round the router, gate and output to fp16 (≈ 1e-3 each) against this fp64 reference
     assert np.abs(sparse - ref).max() / scale <= (1e-5 if scheme.dtype == "float32" else 5e-3)
 
