@@ -57,6 +57,20 @@ def _kernel_layout(func: tirx.PrimFunc) -> tuple[dict, dict]:
     return extents, buffers
 
 
+def _evaluate(expr, shapes) -> int:
+    """A shape expression (e.g. the chunk count ``(n + 3) // 4``) for the bound shape variables."""
+    if isinstance(expr, tirx.IntImm):
+        return int(expr)
+    if isinstance(expr, tirx.Var):
+        return shapes[expr]
+    ops = {tirx.Add: lambda a, b: a + b, tirx.Sub: lambda a, b: a - b, tirx.Mul: lambda a, b: a * b,
+           tirx.FloorDiv: lambda a, b: a // b, tirx.FloorMod: lambda a, b: a % b}
+    for kind, fn in ops.items():
+        if isinstance(expr, kind):
+            return fn(_evaluate(expr.a, shapes), _evaluate(expr.b, shapes))
+    raise NotImplementedError(f"shape expression {expr}")
+
+
 class _LoweredPrimFunc:
     """Device kernels (in launch order) of one PrimFunc lowered for OpenCL, with their OpenCL programs."""
 
@@ -137,7 +151,7 @@ class PoCLInterpreter:
 
     @staticmethod
     def _empty(ty, shapes):
-        dims = [shapes[d] if isinstance(d, tirx.Var) else int(d) for d in ty.shape.values]
+        dims = [shapes[d] if isinstance(d, tirx.Var) else _evaluate(d, shapes) for d in ty.shape.values]
         # unwritten float outputs stay NaN, so a kernel that reads what it never wrote shows up in the result
         dtype = str(ty.dtype)
         return np.full(dims, np.nan if dtype.startswith("float") else 0, dtype=dtype)

@@ -59,15 +59,18 @@ def test_every_android_kernel_compiles_with_the_opencl_driver(device, target, qu
     print(f"{target} {quantization}: {len(programs)} OpenCL kernels built by {dev.platform.name} on {dev.name}")
 
 
-@pytest.fixture(scope="module", params=["android", "android-adreno"])
+@pytest.fixture(scope="module", params=[("android", None), ("android-adreno", None), ("android", 4)],
+                ids=["android", "android-adreno", "android-chunk4"])
 def ffn_on_device(request, device):
-    """One BlockFFN layer (dense and sparse entry points) scheduled for the preset, run on the OpenCL device."""
+    """One BlockFFN layer (dense and sparse entry points) scheduled for the preset, run on the OpenCL device;
+    the sparse entry takes one union per call, or one per 4 tokens (chunked-union prefill)."""
     _, ctx, queue = device
-    preset = get_target(request.param)
+    preset_name, chunk = request.param
+    preset = get_target(preset_name)
     target = preset.tvm_target()
     cfg = small_config()
     mod, _ = SingleBlockFFN(cfg).export()
-    mod = LowerBlockFFNSparse(["sparse"], family=preset.kernel_family)(mod)
+    mod = LowerBlockFFNSparse({"sparse": chunk}, family=preset.kernel_family)(mod)
     pipeline, _ = build_pipeline(target, {}, {"n": 64}, schedule_passes=schedule_passes(target), through="schedule")
     with target:
         scheduled = pipeline(mod)

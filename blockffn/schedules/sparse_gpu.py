@@ -2,7 +2,8 @@
 
 Same contract as ``sparse_cpu`` (see its docstring; token chunks as in ``chunking``).  Grid layout:
 
-* ``union`` - one thread per chunk scans the chunk's E×C router logits and compacts its union (negligible).
+* ``union`` - block per chunk, thread per expert: flags in shared memory, each active expert's slot is the count
+  of active experts before it (no serial E×T scan by one thread: that alone cost more than a small layer's GEMVs).
 * ``up``    - block = (expert slot j, 8 rows of the expert); slots ≥ count exit at once.  128 threads stride over
   the hidden size (coalesced, each weight element read once per token), keep 8 partial dot products in registers
   and sum them with a shared-memory tree; SiLU and the token's gate are applied by the first threads.
@@ -19,9 +20,15 @@ from tvm.script import tirx as T
 from blockffn.schedules.chunking import Chunking
 
 
-def union_kernel(E: int, dtype: str, chunk: int | None = None):
+def union_kernel(E: int, dtype: str, chunk: int | None = None, threads: int = 256):
+    """Block per chunk, a thread per expert (striding past ``threads``): each thread tests its expert over the
+    chunk's tokens (coalesced across threads), flags go to shared memory, and each active expert's slot is the
+    number of active experts before it.  Slots ≥ count are zeroed by their own thread, so no two threads write
+    the same entry."""
     zero = T.Cast(dtype, 0)
     ch = Chunking(chunk)
+    NT = min(E, threads)
+    KE = (E + NT - 1) // NT
 
     @T.prim_func(s_tir=True)
     def blockffn_union_gpu(a0_h: T.handle, idx_h: T.handle, cnt_h: T.handle):
@@ -31,21 +38,36 @@ def union_kernel(E: int, dtype: str, chunk: int | None = None):
         idx = T.match_buffer(idx_h, (ch.count(n_tok), E), "int32")
         cnt = T.match_buffer(cnt_h, (ch.count(n_tok),), "int32")
         for b in T.thread_binding(ch.count(n_tok), thread="blockIdx.x"):
-            for tx in T.thread_binding(1, thread="threadIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
                 with T.sblock("union"):
-                    c = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                    flag = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                    c[0] = 0
+                    flags = T.sblock_alloc_buffer((E,), "int32", scope="shared")
+                    f = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                    pos = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                    for k in range(KE):
+                        if k * NT + tx < E:
+                            f[0] = 0
+                            for t in range(ch.tokens(b, n_tok)):
+                                if a0[ch.start(b) + t, k * NT + tx] > zero:
+                                    f[0] = 1
+                            flags[k * NT + tx] = f[0]
+                    T.tvm_storage_sync("shared")
+                    for k in range(KE):
+                        if k * NT + tx < E:
+                            pos[0] = 0
+                            for e in range(k * NT + tx):
+                                pos[0] = pos[0] + flags[e]
+                            f[0] = flags[k * NT + tx]  # (TVM's sync planner rejects shared loads in conditions)
+                            if f[0] == 1:
+                                idx[b, pos[0]] = k * NT + tx
+                    # entries past the count: zero (the active experts' slots are all below it)
+                    pos[0] = 0
                     for e in range(E):
-                        flag[0] = 0
-                        for t in range(ch.tokens(b, n_tok)):
-                            if a0[ch.start(b) + t, e] > zero:
-                                flag[0] = 1
-                        idx[b, e] = 0
-                        if flag[0] == 1:
-                            idx[b, c[0]] = e
-                            c[0] = c[0] + 1
-                    cnt[b] = c[0]
+                        pos[0] = pos[0] + flags[e]
+                    for k in range(KE):
+                        if k * NT + tx < E and k * NT + tx >= pos[0]:
+                            idx[b, k * NT + tx] = 0
+                    if tx == 0:
+                        cnt[b] = pos[0]
 
     return blockffn_union_gpu
 
