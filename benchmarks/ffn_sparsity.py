@@ -10,7 +10,9 @@ The split lets a CUDA library compiled on this machine run on a GPU machine that
 benchmarks/gpu_check.py for loading the CUDA runtime plugin there).
 
 One BlockFFN layer is compiled twice from the same Relax function: as exported (dense: every expert, exact-zero
-gates) and after LowerBlockFFNSparse (router -> union -> gathered up/down kernels).  Router weights are solved so
+gates) and after LowerBlockFFNSparse (router -> union -> gathered up/down kernels).  One token is timed through
+entry points with a static [1, 1, d] input, as a model's ``decode`` is compiled; more tokens through the dynamic
+ones, as ``batch_verify`` and prefill are.  Router weights are solved so
 that exactly the requested fraction of experts is active in the union of the step's tokens.  Prints median ms
 (TVM time_evaluator; torch.utils.benchmark for PyTorch) and the ratios, all measured in this run.
 """
@@ -39,8 +41,8 @@ def build(cfg, target="cpu", export=None):
     from blockffn.schedules.dlight_rules import schedule_passes
     from blockffn.targets import get_target
 
-    mod, _ = SingleBlockFFN(cfg).export()
-    mod = LowerBlockFFNSparse(["sparse"], family="cpu" if target == "cpu" else "gpu")(mod)
+    mod, _ = SingleBlockFFN(cfg).export(decode_entries=True)
+    mod = LowerBlockFFNSparse(["sparse", "sparse_decode"], family="cpu" if target == "cpu" else "gpu")(mod)
     tgt = get_target(target).tvm_target()
     if target == "cuda":
         from blockffn.targets.cuda_build import configure_cuda_build
@@ -118,9 +120,12 @@ def main() -> None:
             x, w, n_act = weights(cfg, T, active, rng)
             params = [tvm.runtime.tensor(a, dev) for a in w]
             xt = tvm.runtime.tensor(x[None], dev)
-            t_dense = vm.time_evaluator("dense", dev, number=1, repeat=5, min_repeat_ms=50)(xt, params).median * 1e3
-            t_sparse = vm.time_evaluator("sparse", dev, number=1, repeat=5, min_repeat_ms=50)(xt, params).median * 1e3
-            d_out, s_out = vm["dense"](xt, params).numpy(), vm["sparse"](xt, params).numpy()
+            # one token: the entry points shaped like a model's decode (static [1, 1, d]); more: verification /
+            # prefill shaped (dynamic token count)
+            dense_fn, sparse_fn = ("dense_decode", "sparse_decode") if T == 1 else ("dense", "sparse")
+            t_dense = vm.time_evaluator(dense_fn, dev, number=1, repeat=5, min_repeat_ms=50)(xt, params).median * 1e3
+            t_sparse = vm.time_evaluator(sparse_fn, dev, number=1, repeat=5, min_repeat_ms=50)(xt, params).median * 1e3
+            d_out, s_out = vm[dense_fn](xt, params).numpy(), vm[sparse_fn](xt, params).numpy()
             err = np.abs(d_out - s_out).max() / np.abs(d_out).max()
             tdev = "cuda" if on_gpu else "cpu"
             tw = [torch.from_numpy(a).to(tdev) for a in w]

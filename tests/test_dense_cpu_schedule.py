@@ -24,9 +24,9 @@ class _Linears(nn.Module):
         return nn.op.matmul(h, self.down_t), nn.relu(self.router(x))
 
 
-def _build(d, f, r):
+def _build(d, f, r, rows="n"):
     mod, params = _Linears(d, f, r).export_tvm(
-        spec={"forward": {"x": nn.spec.Tensor([1, "n", d], "float32")}})
+        spec={"forward": {"x": nn.spec.Tensor([1, rows, d], "float32")}})
     tgt = get_target("cpu").tvm_target()
     pipe, _ = build_pipeline(tgt, {}, {"n": 64}, schedule_passes=schedule_passes(tgt))
     return mod, [name for name, _ in params], tgt, pipe
@@ -34,8 +34,9 @@ def _build(d, f, r):
 
 @pytest.mark.parametrize("d,f,r", [(64, 96, 8), (48, 40, 3), (100, 36, 5)])
 @pytest.mark.parametrize("n", [1, 3, 17])
-def test_scheduled_matmuls_match_numpy(d, f, r, n):
-    mod, names, tgt, pipe = _build(d, f, r)
+@pytest.mark.parametrize("static", [False, True])
+def test_scheduled_matmuls_match_numpy(d, f, r, n, static):
+    mod, names, tgt, pipe = _build(d, f, r, n if static else "n")
     vm = relax.VirtualMachine(tvm.compile(mod, tgt, relax_pipeline=pipe), tvm.cpu())
     rng = np.random.default_rng(d + f + n)
     w = {"up.weight": rng.standard_normal((f, d)), "down_t": rng.standard_normal((f, d)) * 0.1,
@@ -49,8 +50,9 @@ def test_scheduled_matmuls_match_numpy(d, f, r, n):
     np.testing.assert_allclose(gate.numpy()[0], np.maximum(x[0] @ w["router.weight"].T, 0), rtol=1e-4, atol=1e-4)
 
 
-def test_every_matmul_is_scheduled():
-    mod, _, tgt, pipe = _build(64, 96, 8)
+@pytest.mark.parametrize("rows", ["n", 1, 5])  # dynamic (prefill/verify), one static token (decode), static batch
+def test_every_matmul_is_scheduled(rows):
+    mod, _, tgt, pipe = _build(64, 96, 8, rows)
     with tgt:
         lowered = pipe(mod)
     kernels = {gv.name_hint: f for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}

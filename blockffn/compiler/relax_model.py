@@ -139,7 +139,9 @@ class BlockFFN(nn.Module):
 
 class SingleBlockFFN(nn.Module):
     """One BlockFFN layer with two entry points, ``dense`` and ``sparse``, over the same weights: after
-    LowerBlockFFNSparse(["sparse"]) they are the two lowerings of one layer (used by tests and benchmarks)."""
+    LowerBlockFFNSparse(["sparse"]) they are the two lowerings of one layer (used by tests and benchmarks).
+    ``decode_entries`` adds ``dense_decode`` / ``sparse_decode`` with a static single token, shaped like a model's
+    ``decode`` (static shapes get other schedules, e.g. dlight's GEMV on GPUs)."""
 
     def __init__(self, cfg: BlockFFNConfig, dtype: str = "float32", scheme: GroupQuant | None = None):
         self.mlp = BlockFFN(cfg, dtype, scheme)
@@ -151,11 +153,17 @@ class SingleBlockFFN(nn.Module):
     def sparse(self, x: Tensor) -> Tensor:
         return self.mlp(x)
 
-    def export(self):
-        """(IRModule, named params) with x: [1, n, d] for both entry points."""
+    dense_decode, sparse_decode = dense, sparse
+
+    def export(self, decode_entries: bool = False):
+        """(IRModule, named params) with x: [1, n, d] for both entry points (and [1, 1, d] for the decode ones)."""
         BlockFFN._cache.clear()
-        spec = {name: {"x": nn.spec.Tensor([1, "n", self.hidden], self.dtype),
-                       "$": {"param_mode": "packed", "effect_mode": "none"}} for name in ("dense", "sparse")}
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        spec = {name: {"x": nn.spec.Tensor([1, "n", self.hidden], self.dtype), "$": packed}
+                for name in ("dense", "sparse")}
+        if decode_entries:
+            spec.update({name: {"x": nn.spec.Tensor([1, 1, self.hidden], self.dtype), "$": packed}
+                         for name in ("dense_decode", "sparse_decode")})
         return self.export_tvm(spec=spec)
 
 

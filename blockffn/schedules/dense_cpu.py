@@ -54,7 +54,7 @@ def _matmul_form(block: tirx.SBlock) -> tuple[str, int] | None:
     """("NT" | "NN", extent of j) when the block is C[..., j] += A[..., k] * W[j, k] or A[..., k] * W[k, j]."""
     spatial = [iv for iv in block.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
     reduce = [iv for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
-    if len(reduce) != 1 or len(spatial) < 2 or len(block.reads) < 2:
+    if len(reduce) != 1 or not spatial or len(block.reads) < 2:
         return None
     k, j = reduce[0].var.name, spatial[-1].var.name
     for read in block.reads:
@@ -90,6 +90,8 @@ class DenseMatmulCPU(CPUScheduleRule):
         kind, n_out = form[0], int(form[1])
         loops = sch.get_loops(block)
         *rows, j, k = loops
+        if not rows:  # a single static row (decode): normalisation dropped its unit loop
+            rows = [sch.add_unit_loop(j)]
         i = sch.fuse(*rows) if len(rows) > 1 else rows[0]
         lanes = vector_lanes(target)
         rows_extent = sch.get(i).extent
