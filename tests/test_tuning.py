@@ -118,6 +118,15 @@ def test_database_alone_is_applied_without_tuning(builds):
     assert np.array_equal(logits_of(root / "applied"), logits_of(root / "tuned"))
 
 
+def test_kernels_tuned_before_are_not_tuned_again(builds):
+    root, _, _, records = builds
+    again = compile_model(CompileOptions(model_dir=default_model_path(), output=root / "again", tune_trials=8,
+                                         tune_db=root / "db", tune_max_kernels=1, **TINY), log=lambda *_: None)
+    assert (root / "db" / "database_tuning_record.json").read_text() == records
+    assert again["seconds"]["tune"] < 5
+    assert manifest(root / "again")["tuning"]["tuned_kernels"] == manifest(root / "tuned")["tuning"]["tuned_kernels"]
+
+
 def compile_cli(*args):
     cmd = [sys.executable, "-c", "import sys; from blockffn.cli import compile_main as m; "
            "sys.argv[0] = 'blockffn-compile'; m()", *map(str, args)]

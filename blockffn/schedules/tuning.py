@@ -147,7 +147,6 @@ class Tuning:
         self.database, self.db_dir, self.trials, self.seed = database, Path(db_dir), trials, seed
         self.max_kernels = max_kernels  # tune only the costliest kernels (flops x uses); tests keep tuning short
         self.applied: list[str] = []  # kernels that got their schedule from the database
-        self.tuned: list[str] = []  # kernels measured in this compile
 
     def tune(self, mod, target, log) -> None:
         """Tune the kernels of ``mod`` (legalized, fused) that the database lacks; no-op with 0 trials."""
@@ -171,20 +170,19 @@ class Tuning:
             return
         t0 = time.perf_counter()
         tune_target = _measurable(target)
-        loggers = ms.logging.get_loggers_from_work_dir(str(self.db_dir), list(todo))
-        seeds = ms.utils.fork_seed(self.seed, n=len(todo))
-        contexts = [ms.TuneContext(mod=m, target=tune_target, space_generator="post-order-apply",
-                                   search_strategy="evolutionary", task_name=name, logger=logger, rand_state=seed,
-                                   num_threads="physical").clone()
-                    for (name, (m, _)), logger, seed in zip(todo.items(), loggers, seeds)]
         with _quiet_console():
+            loggers = ms.logging.get_loggers_from_work_dir(str(self.db_dir), list(todo))
+            seeds = ms.utils.fork_seed(self.seed, n=len(todo))
+            contexts = [ms.TuneContext(mod=m, target=tune_target, space_generator="post-order-apply",
+                                       search_strategy="evolutionary", task_name=name, logger=logger,
+                                       rand_state=seed, num_threads="physical").clone()
+                        for (name, (m, _)), logger, seed in zip(todo.items(), loggers, seeds)]
             ms.tune_tasks(tasks=contexts, task_weights=[float(w) for _, w in todo.values()],
                           work_dir=str(self.db_dir), max_trials_global=self.trials * len(contexts),
                           max_trials_per_task=self.trials, num_trials_per_iter=min(64, self.trials),
                           builder=ms.builder.LocalBuilder(max_workers=contexts[0].num_threads,
                                                           initializer=_register_tensor_intrinsics),
                           database=self.database)
-        self.tuned = list(todo)
         log(f"  tuned {len(todo)} kernels in {time.perf_counter() - t0:.1f} s")
 
     def apply_pass(self):
