@@ -181,7 +181,7 @@ class Tuning:
                           work_dir=str(self.db_dir), max_trials_global=self.trials * len(contexts),
                           max_trials_per_task=self.trials, num_trials_per_iter=min(64, self.trials),
                           builder=ms.builder.LocalBuilder(max_workers=contexts[0].num_threads,
-                                                          initializer=_register_tensor_intrinsics),
+                                                          f_build=_build_candidate),
                           database=self.database)
         log(f"  tuned {len(todo)} kernels in {time.perf_counter() - t0:.1f} s")
 
@@ -209,11 +209,15 @@ class Tuning:
         return {"trials": self.trials, "database": str(self.db_dir), "tuned_kernels": self.applied}
 
 
-def _register_tensor_intrinsics() -> None:
-    """Builder worker start-up: MetaSchedule's build function imports ``tvm.s_tir.tensor_intrin`` on each call, and
-    on the 0.27 wheel that import takes ~30 s, the builder's whole 30 s budget, so every first build of a worker
-    timed out and every trial failed.  Imported here, once per worker, outside the per-build timeout."""
-    import tvm.s_tir.tensor_intrin  # noqa: F401
+def _build_candidate(mod, target, _params):
+    """MetaSchedule's default build without its ``import tvm.s_tir.tensor_intrin``: on the 0.27 wheel that import
+    takes ~30 s, the builder's whole per-build timeout, and the builder starts fresh worker processes for every
+    batch, so every trial failed ("Timeout, killed after 30.0 seconds").  Candidates arrive already scheduled
+    (tensorized ones with the intrinsic's body in place), so building needs no intrinsic registry."""
+    from tvm.driver import build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
 class _quiet_console:
