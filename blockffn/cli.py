@@ -518,6 +518,13 @@ def _compile_options(f):
         click.option("--debug-counts", is_flag=True,
                      help="Also export *_with_stats functions returning per-layer active-expert counts (the runtime "
                           "and `blockffn bench` then report measured TLS and union sizes)."),
+        click.option("--tune-trials", type=int, default=0, show_default=True,
+                     help="MetaSchedule trials per static-shape dense kernel (decode projections, router, lm-head); "
+                          "measures on this machine, so the target's device must be here. 0: no tuning."),
+        click.option("--tune-db", type=click.Path(path_type=Path), default=None,
+                     help="Tuning database folder: tuned kernels are reused from it and new ones added; alone "
+                          "(--tune-trials 0) it is only applied. Default with --tune-trials: one per target under "
+                          "~/.cache/blockffn/tuning."),
         click.option("--overwrite", is_flag=True, help="Replace an existing output folder."),
         click.option("--list-targets", is_flag=True, help="Print the target presets and exit."),
     ]
@@ -527,7 +534,7 @@ def _compile_options(f):
 
 
 def _run_compile(model_dir, target, quantization, output, context_window, prefill_chunk, max_batch_size, ffn,
-                 union_chunk, arch, draft, debug_counts, overwrite, list_targets) -> None:
+                 union_chunk, arch, draft, debug_counts, tune_trials, tune_db, overwrite, list_targets) -> None:
     from blockffn.targets import list_targets as presets
 
     if list_targets:
@@ -540,7 +547,7 @@ def _run_compile(model_dir, target, quantization, output, context_window, prefil
     opts = CompileOptions(model_dir=_model_dir(model_dir), target=target, quantization=quantization, output=output,
                           context_window=context_window, prefill_chunk=prefill_chunk, max_batch_size=max_batch_size,
                           overwrite=overwrite, ffn=ffn, union_chunk=union_chunk, arch=arch, draft=draft,
-                          debug_counts=debug_counts)
+                          debug_counts=debug_counts, tune_trials=tune_trials, tune_db=tune_db)
     r = compile_model(opts, log=click.echo)
     if "deploy" in r:  # library-only output
         click.echo(f"wrote {r['output']} (model library only; how to link and load it: {r['deploy']})")

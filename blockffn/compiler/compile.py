@@ -33,6 +33,9 @@ class CompileOptions:
     draft: str | None = "auto"  # EAGLE draft head folder; auto: MODEL/draft when present; none: no draft
     debug_counts: bool = False  # also export *_with_stats (per-layer active-expert counts) for observability
     union_chunk: int = 16  # prefill: a union of active experts per this many consecutive tokens
+    tune_trials: int = 0  # MetaSchedule trials per static-shape dense kernel (0: no tuning)
+    tune_db: Path | None = None  # tuning database folder (default with tune_trials > 0: one per target in the cache)
+    tune_max_kernels: int | None = None  # tune only the N costliest static kernels (tests; None: all)
 
 
 MODEL_FUNCTIONS = ("prefill", "decode", "batch_prefill", "batch_decode", "batch_verify",
@@ -133,7 +136,7 @@ class BuiltLibrary:
 
 
 def build_library(opts: CompileOptions, cfg, preset, target, dtype: str, context: int, prefill_chunk: int,
-                  prefix: str | None, timer: "PhaseTimer", scheme=None) -> BuiltLibrary:
+                  prefix: str | None, timer: "PhaseTimer", scheme=None, tuning=None, log=print) -> BuiltLibrary:
     """Relax model -> blockffn pipeline (sparse lowering, schedules, metadata) -> VM executable for ``target``."""
     import tvm
     import tvm_ffi
@@ -182,24 +185,36 @@ def build_library(opts: CompileOptions, cfg, preset, target, dtype: str, context
                        "union_chunk": {f: c for f, c in sparse_fns.items() if c is not None},
                        "dense_twins": {f: f + DENSE_TWIN_SUFFIX for f in sparse_fns}}
     executable, functions, pass_names = lower_and_build(mod, metadata, bounds, preset, target, prefix, timer,
-                                                        graph_passes)
+                                                        graph_passes, tuning=tuning, log=log)
     return BuiltLibrary(executable, functions, named_params, metadata, pass_names)
 
 
 def lower_and_build(mod, metadata: dict, bounds: dict, preset, target, prefix: str | None, timer,
-                    graph_passes=(), phase: str = ""):
+                    graph_passes=(), phase: str = "", tuning=None, log=print):
     """Our pipeline (graph passes, schedules, memory plan, `_metadata`) then relax.build; shared by the model
-    and its draft head.  Returns (executable, exported Relax functions, pass names)."""
+    and its draft head.  With ``tuning`` (blockffn.schedules.tuning.Tuning) the pipeline stops after legalization,
+    the static dense kernels are tuned into its database, and the rest runs with the database applied first.
+    Returns (executable, exported Relax functions, pass names)."""
     import tvm
     from tvm import relax
 
     from blockffn.compiler.pipeline import build_pipeline
     from blockffn.schedules.dlight_rules import metal_simdgroup_disabled, reduction_rules_guarded, schedule_passes
 
-    pipeline, pass_names = build_pipeline(target, metadata, bounds, graph_passes=list(graph_passes),
-                                          schedule_passes=schedule_passes(target))
+    kw = dict(graph_passes=list(graph_passes), schedule_passes=schedule_passes(target))
     if prefix is not None:
         mod = mod.with_attr("system_lib_prefix", prefix)
+    pass_names = []
+    if tuning is not None:
+        front, pass_names = build_pipeline(target, metadata, bounds, through="legalize", **kw)
+        with timer(phase + "legalize"):
+            with target:
+                mod = front(mod)
+        with timer(phase + "tune"):
+            tuning.tune(mod, target, log)
+        kw.update(after="legalize", tuned_passes=[tuning.apply_pass()])
+    pipeline, rest = build_pipeline(target, metadata, bounds, **kw)
+    pass_names += rest
     with timer(phase + "passes"):
         with target, metal_simdgroup_disabled(target), reduction_rules_guarded():
             lowered = pipeline(mod)
@@ -209,6 +224,23 @@ def lower_and_build(mod, metadata: dict, bounds: dict, preset, target, prefix: s
         executable = relax.build(lowered, target, relax_pipeline=tvm.transform.Sequential([]),
                                  system_lib=preset.system_lib)
     return executable, functions, pass_names
+
+
+def tuning_for(opts: CompileOptions, preset, target):
+    """The compile's Tuning (None without --tune-trials / --tune-db), checked before anything is compiled."""
+    if opts.tune_trials < 0:
+        raise BlockFFNError(f"--tune-trials must be 0 or more, got {opts.tune_trials}")
+    if opts.tune_trials == 0 and opts.tune_db is None:
+        return None
+    from blockffn.schedules import tuning
+
+    if opts.tune_trials > 0:
+        tuning.check_tunable(preset, target)
+    db_dir = Path(opts.tune_db) if opts.tune_db is not None else tuning.default_db_dir(
+        preset, preset.target_json(opts.arch))
+    database = tuning.open_database(db_dir, create=opts.tune_trials > 0)
+    tuning.check_database_target(database, target, db_dir)
+    return tuning.Tuning(database, db_dir, opts.tune_trials, max_kernels=opts.tune_max_kernels)
 
 
 def compile_model(opts: CompileOptions, log=print) -> dict:
@@ -244,6 +276,7 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
     lib_name = output.name if suffix else f"{name}-{opts.quantization}-{preset.name}{lib_suffix}"
     prefix = system_lib_prefix(name, opts.quantization) if preset.system_lib else None
     target = preset.tvm_target(opts.arch)
+    tuning = tuning_for(opts, preset, target)  # fails now on an untunable target or a bad database
     timer = PhaseTimer(log)
     log(f"compiling {model_dir} for {preset.name} ({opts.quantization}) -> {output}")
 
@@ -267,6 +300,8 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
             "passes": pass_names,
             "ffn": metadata["ffn"],
             "functions": functions,
+            "tuning": tuning.manifest() if tuning is not None else {"trials": 0, "database": None,
+                                                                    "tuned_kernels": []},
             "draft": draft,
             "versions": {"tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__, "torch": torch.__version__,
                          "blockffn": __version__},
@@ -280,7 +315,8 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
     from blockffn.artifacts.deploy import deploy_text
 
     if suffix:
-        built = build_library(opts, cfg, preset, target, dtype, context, prefill_chunk, prefix, timer, scheme)
+        built = build_library(opts, cfg, preset, target, dtype, context, prefill_chunk, prefix, timer, scheme,
+                              tuning, log)
         manifest = manifest_for(built.functions, built.pass_names, built.metadata, built.metadata["params"])
         with timer("export_library"):
             note = write_library(built.executable, output, fcompile, deploy_text(preset, manifest, library_only=True),
@@ -290,7 +326,8 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
                 "memory_usage": built.metadata["memory_usage"]}
 
     with atomic_output_dir(output, overwrite=opts.overwrite) as tmp:
-        built = build_library(opts, cfg, preset, target, dtype, context, prefill_chunk, prefix, timer, scheme)
+        built = build_library(opts, cfg, preset, target, dtype, context, prefill_chunk, prefix, timer, scheme,
+                              tuning, log)
         params_meta = built.metadata["params"]
         with timer("export_library"):
             built.executable.export_library(str(tmp / lib_name), **({"fcompile": fcompile} if fcompile else {}))
@@ -322,7 +359,7 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
             draft_lib = "draft-" + lib_name
             bounds = {"seq_len": prefill_chunk, "batch_size": opts.max_batch_size, "total_seq_len": context}
 
-            def build_draft_library(module, meta, out_dir):
+            def build_draft_library(module, meta, out_dir):  # not tuned: the draft is a small share of a step
                 executable, fns, _ = lower_and_build(module, meta, bounds, preset, target,
                                                      None if prefix is None else prefix + "draft_", timer,
                                                      phase="draft ")

@@ -5,7 +5,9 @@ Order (each phase a list so the artifact manifest can record every pass by name)
   graph     - blockffn Relax passes (sparse lowering etc., supplied by the caller) + FuseTransposeMatmul
   dispatch  - TVM library dispatch (sampling, sort/scan)
   legalize  - LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
-  schedule  - TIR schedules for the target (supplied by the caller; dlight on GPUs)
+  schedule  - schedules from a tuning database (``tuned_passes``), then the backend's own default schedules (TVM's
+              GPU legalize lists end with dlight), then the caller's (our dlight rules); each skips what an
+              earlier one scheduled
   lower     - dataflow lowering, StaticPlanBlockMemory, then AttachMetadata (memory usage of every function,
               `_metadata`), then the remaining VM lowering.
 """
@@ -97,22 +99,27 @@ PHASES = ("attach", "graph", "dispatch", "legalize", "schedule", "lower")
 
 
 def build_pipeline(target: tvm.target.Target, metadata: dict, bounds: dict[str, int],
-                   graph_passes: list | None = None, schedule_passes: list | None = None, through: str = "lower"):
+                   graph_passes: list | None = None, schedule_passes: list | None = None, through: str = "lower",
+                   after: str | None = None, tuned_passes: list | None = None):
     """Returns (pipeline pass, [pass names in order]).  ``through`` stops after that phase (e.g. "schedule": the
-    scheduled Relax + TIR module, before VM lowering, which tests run kernel by kernel)."""
+    scheduled Relax + TIR module, before VM lowering, which tests run kernel by kernel); ``after`` starts after
+    that phase (e.g. "legalize": continue a module that was tuned after legalization)."""
     P = _backend_pipeline(target)
+    legalize = P.legalize_passes(target)
+    fused = next(i for i, p in enumerate(legalize) if p.info.name == "FuseTIR") + 1
     phases = [
         [attach_variable_bounds(bounds)],
         list(graph_passes or []) + [fuse_transpose_matmul()],
         P.library_dispatch_passes(target),
-        P.legalize_passes(target),
-        list(schedule_passes or []),
+        legalize[:fused],
+        list(tuned_passes or []) + legalize[fused:] + list(schedule_passes or []),
         P.dataflow_lower_passes(target),
     ]
     finalize = P.finalize_passes(target)
     plan_idx = next(i for i, p in enumerate(finalize) if p.info.name == "StaticPlanBlockMemory")
     phases[-1] = phases[-1] + finalize[: plan_idx + 1] + [attach_metadata(metadata)] + finalize[plan_idx + 1:]
-    passes = [p for phase in phases[: PHASES.index(through) + 1] for p in phase]
+    first = PHASES.index(after) + 1 if after else 0
+    passes = [p for phase in phases[first: PHASES.index(through) + 1] for p in phase]
 
     @tvm.transform.module_pass(opt_level=0, name="blockffn_pipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
