@@ -1,8 +1,6 @@
 """Compiled model library (llvm) against the PyTorch model: every MLC function, trees, dtypes, artifact checks."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest

@@ -65,7 +65,7 @@ class LibrarySampler:
 
     def probs(self, logits: np.ndarray, params: GenerationParams) -> np.ndarray:
         """Sampling distribution per row [n, V] (float64): library temperature softmax, then top-p."""
-        e, (n, v) = self.engine, logits.shape
+        e, n = self.engine, logits.shape[0]
         rows = []
         for i in range(0, n, e.max_batch):  # the library's memory plan holds max_batch_size rows
             part = np.ascontiguousarray(logits[i: i + e.max_batch], dtype=np.float32)

@@ -1,0 +1,50 @@
+"""The `blockffn` command line.  Every command defaults to the bundled tiny model (`blockffn.default_model_path()`).
+
+Commands only parse flags, call into the library and print; errors the user can fix (`BlockFFNError`) become one
+line on stderr and exit code 1.
+
+The commands live in modules by what they work on (`model_commands`, `run_commands`, `artifact_commands`); this
+package wires them into the `blockffn` group and the two console scripts.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from blockffn.cli import artifact_commands, model_commands, run_commands  # noqa: F401 - registers the commands
+from blockffn.cli.artifact_commands import compile_entry
+from blockffn.cli.base import _echo_err, cli
+from blockffn.errors import BlockFFNError
+
+__all__ = ["cli", "compile_main", "main"]
+
+
+def _run(command: click.Command, argv, prog_name: str) -> None:
+    """Run a Click command; user errors become one line on stderr and a non-zero exit."""
+    start = time.time()
+    try:
+        command.main(args=argv, prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.Abort:
+        _echo_err("aborted")
+        sys.exit(1)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except BlockFFNError as e:
+        _echo_err(str(e))
+        sys.exit(1)
+    except KeyboardInterrupt:
+        _echo_err(f"interrupted after {time.time() - start:.0f}s")
+        sys.exit(130)
+
+
+def main(argv=None) -> None:
+    _run(cli, argv, "blockffn")
+
+
+def compile_main(argv=None) -> None:
+    _run(compile_entry, argv, "blockffn-compile")
+

@@ -1,0 +1,5 @@
+"""`python -m blockffn.cli`."""
+
+from blockffn.cli import main
+
+main()

@@ -1,0 +1,137 @@
+"""`blockffn compile` / `blockffn-compile`, `blockffn inspect | verify`: building and checking artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from blockffn.cli.base import _model_dir, cli
+
+
+# ---------------------------------------------------------------------------------------------------------- compile
+def _compile_options(f):
+    opts = [
+        click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+                     help="Model folder (default: the bundled model)."),
+        click.option("--target", default="cpu", show_default=True, help="Target preset (see --list-targets)."),
+        click.option("--dtype", "--quantization", "quantization",
+                     type=click.Choice(["q0f32", "q0f16", "q0bf16", "q4f16_1", "q4f32_1"]), default="q0f32",
+                     show_default=True, help="Weight storage / compute dtype; q4*: 4-bit group quantization "
+                                             "(MLC q_weight/q_scale) with an fp16 / fp32 scale and compute dtype."),
+        click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+                     help="Artifact folder (default: dist/<model>-<dtype>-<target>), or a library file NAME.so|.tar|.dylib "
+                          "for the model library alone (.tar: objects to link on the device)."),
+        click.option("--context-window", type=int, default=None, help="Max tokens per sequence."),
+        click.option("--prefill-chunk", type=int, default=None, help="Max tokens per prefill call."),
+        click.option("--max-batch-size", type=int, default=8, show_default=True),
+        click.option("--arch", default=None, help="CUDA SM for cuda targets, e.g. sm_87 (default: the preset's)."),
+        click.option("--ffn", type=click.Choice(["auto", "dense", "sparse"]), default="auto", show_default=True,
+                     help="BlockFFN lowering.  sparse: only the union of active experts (decode/verify: over the "
+                          "call; prefill: per --union-chunk tokens); auto: the same, and the runtime runs prefill "
+                          "chunked-union or dense, whichever it measures faster on the device; dense: every expert. "
+                          "Sparse builds also carry dense twins (<function>_dense)."),
+        click.option("--union-chunk", type=int, default=16, show_default=True,
+                     help="Prefill tokens per union of active experts (chunked-union prefill)."),
+        click.option("--draft", default="auto", show_default=True,
+                     help="EAGLE draft head folder to build into ARTIFACT/draft (auto: MODEL/draft if present; "
+                          "none: no draft)."),
+        click.option("--debug-counts", is_flag=True,
+                     help="Also export *_with_stats functions returning per-layer active-expert counts (the runtime "
+                          "and `blockffn bench` then report measured TLS and union sizes)."),
+        click.option("--tune-trials", type=int, default=0, show_default=True,
+                     help="MetaSchedule trials per static-shape dense kernel (decode projections, router, lm-head); "
+                          "measures on this machine, so the target's device must be here. 0: no tuning."),
+        click.option("--tune-db", type=click.Path(path_type=Path), default=None,
+                     help="Tuning database folder: tuned kernels are reused from it and new ones added; alone "
+                          "(--tune-trials 0) it is only applied. Default with --tune-trials: one per target under "
+                          "~/.cache/blockffn/tuning."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing output folder."),
+        click.option("--list-targets", is_flag=True, help="Print the target presets and exit."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _run_compile(model_dir, target, quantization, output, context_window, prefill_chunk, max_batch_size, ffn,
+                 union_chunk, arch, draft, debug_counts, tune_trials, tune_db, overwrite, list_targets) -> None:
+    from blockffn.targets import list_targets as presets
+
+    if list_targets:
+        for p in presets():
+            click.echo(f"{p.name:<10} {p.description}\n           target {json.dumps(p.target)}\n"
+                       f"           host {p.host_triple}, output {p.lib_suffix}, needs {p.toolchain}")
+        return
+    from blockffn.compiler.compile import CompileOptions, compile_model
+
+    opts = CompileOptions(model_dir=_model_dir(model_dir), target=target, quantization=quantization, output=output,
+                          context_window=context_window, prefill_chunk=prefill_chunk, max_batch_size=max_batch_size,
+                          overwrite=overwrite, ffn=ffn, union_chunk=union_chunk, arch=arch, draft=draft,
+                          debug_counts=debug_counts, tune_trials=tune_trials, tune_db=tune_db)
+    r = compile_model(opts, log=click.echo)
+    if "deploy" in r:  # library-only output
+        click.echo(f"wrote {r['output']} (model library only; how to link and load it: {r['deploy']})")
+        return
+    mb = 1 / 2**20
+    click.echo("memory:")
+    click.echo(f"  params          {r['param_bytes'] * mb:9.2f} MiB")
+    click.echo(f"  KV cache        {r['kv_cache_bytes_per_sequence'] * mb:9.2f} MiB per full-context sequence")
+    for fn in ("prefill", "decode", "batch_prefill", "batch_decode", "batch_verify"):
+        click.echo(f"  temp {fn:<14} {r['memory_usage'].get(fn, 0) * mb:7.2f} MiB")
+    click.echo(f"wrote {r['output']} (library {r['library']}, {sum(r['seconds'].values()):.1f} s)")
+
+
+@cli.command("compile")
+@_compile_options
+def compile_cmd(**kwargs) -> None:
+    """Compile a model into an MLC-layout artifact folder (same as blockffn-compile)."""
+    _run_compile(**kwargs)
+
+
+@click.command("blockffn-compile", context_settings={"help_option_names": ["-h", "--help"]})
+@_compile_options
+def compile_entry(**kwargs) -> None:
+    """Compile a BlockFFN model with TVM into an MLC-layout artifact folder."""
+    _run_compile(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------- inspect
+@cli.command("inspect")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def inspect_cmd(artifact, as_json) -> None:
+    """Print an artifact's manifest, library functions, metadata and sizes."""
+    from blockffn.runtime.inspect import describe
+
+    info = describe(artifact)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    m = info["manifest"]
+    click.echo(f"artifact   {artifact}")
+    click.echo(f"model      {m['source']['path']} (sha256 {m['source']['sha256'][:16]}…)")
+    click.echo(f"target     {m['target']['name']} {json.dumps(m['target']['tvm_target'])}  quantization "
+               f"{m['quantization']}")
+    click.echo("versions   " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+    click.echo(f"context    {m['context_window_size']} tokens, prefill chunk {m['prefill_chunk_size']}, "
+               f"max batch {m['max_batch_size']}")
+    click.echo(f"passes     {' -> '.join(m['passes'])}")
+    click.echo(f"functions  {', '.join(info['functions'])}")
+    click.echo("sizes      " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in info["sizes"].items()))
+    md = info["metadata"]
+    click.echo(f"metadata   kv_cache {json.dumps(md['kv_cache'])}, {len(md['params'])} params")
+    click.echo("memory     " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in md["memory_usage"].items() if v))
+
+
+# ---------------------------------------------------------------------------------------------------------- verify
+@cli.command("verify")
+@click.argument("artifact", type=click.Path(path_type=Path))
+def verify_cmd(artifact) -> None:
+    """Check an artifact for its target: architecture, symbols, kernel format, metadata vs weights, versions."""
+    from blockffn.artifacts.verify import verify_artifact
+
+    for line in verify_artifact(artifact):
+        click.echo(line)
+    click.echo(f"{artifact}: verified")
