@@ -167,10 +167,9 @@ class Generator:
                 if kind == "plain":
                     new = self._plain_step(root, res, params, rng, pending_tokens, pending_hidden)
                 else:
-                    if pending_tokens:  # the draft catches up on plain-step tokens (not charged to the round)
-                        self.drafter.accept(pending_tokens, np.stack(pending_hidden))
+                    if pending_tokens:  # the draft catches up on plain-step tokens: a cost of speculating
+                        self.drafter.accept(pending_tokens, np.stack(pending_hidden))  # now, charged to the round
                         pending_tokens, pending_hidden = [], []
-                        t_round = time.perf_counter()
                     new = self._spec_round(root, kind, k, res, params, rng)
                 if self.policy is not None:
                     self.policy.observe_time(kind, k, len(new), time.perf_counter() - t_round)
