@@ -297,3 +297,20 @@ def test_prefill_runs_chunked_union_or_dense_whichever_measured_faster(art, tmp_
     params = GenerationParams(max_tokens=16, greedy=True, stop_at_eos=False)
     tokens = {ffn: Generator(e).generate(ids, params).tokens for ffn, e in engines_.items()}
     assert tokens["sparse"] == tokens["dense"] == tokens["auto"]
+
+
+def test_prefill_choice_waits_for_a_free_slot_and_replaces_a_stale_cache(art, tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOCKFFN_CACHE", str(tmp_path))
+    e = Engine(art[0])
+    for sid in range(e.max_batch):  # every slot taken: no scratch sequence to measure with, try again later
+        e.add_sequence(sid)
+    e.measure_prefill_choice()
+    assert e._prefill_choice is False and not list(tmp_path.glob("prefill-choice-*.json"))
+    e.remove_sequence(0)
+    e.measure_prefill_choice()
+    assert e._prefill_choice is not None and e.state.lengths.keys() == set(range(1, e.max_batch))
+    (entry,) = tmp_path.glob("prefill-choice-*.json")
+    entry.write_text('{"something": "else"}')  # an entry of another format is measured again and replaced
+    again = Engine(art[0])
+    again.measure_prefill_choice()
+    assert again._prefill_choice is not None and "sparse" in json.loads(entry.read_text())

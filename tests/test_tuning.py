@@ -123,6 +123,8 @@ def test_kernels_tuned_before_are_not_tuned_again(builds):
     again = compile_model(CompileOptions(model_dir=default_model_path(), output=root / "again", tune_trials=8,
                                          tune_db=root / "db", tune_max_kernels=1, **TINY), log=lambda *_: None)
     assert (root / "db" / "database_tuning_record.json").read_text() == records
+    budgets = json.loads((root / "db" / "blockffn-trials.json").read_text())  # each tuned kernel's trial budget
+    assert budgets and set(budgets.values()) == {8}
     assert again["seconds"]["tune"] < 5
     assert manifest(root / "again")["tuning"]["tuned_kernels"] == manifest(root / "tuned")["tuning"]["tuned_kernels"]
 

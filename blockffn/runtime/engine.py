@@ -208,15 +208,25 @@ class Engine(PagedModel):
             return dict(twins)
         raise BlockFFNError(f"unknown ffn mode {ffn!r}; use auto, sparse or dense")
 
+    def measure_prefill_choice(self) -> None:
+        """Time chunked-union against dense prefill once (cached on disk; see `blockffn.runtime.prefill_choice`).
+        Needs a free sequence slot: callers that fill every slot call this first (`Generator` does).  A failed
+        measurement leaves the library's compiled prefill in use."""
+        if self._prefill_choice is not False or len(self.state.lengths) >= self.max_batch:
+            return  # measured already, or no scratch slot now (try again at a later prefill)
+        from blockffn.runtime.prefill_choice import prefill_choice
+
+        self._prefill_choice = None  # while measuring (and if it fails): the compiled functions
+        try:
+            self._prefill_choice = prefill_choice(self)
+        except (BlockFFNError, RuntimeError):  # TVM's errors are RuntimeErrors
+            pass  # e.g. no KV-cache pages left for the scratch prompt: keep the compiled prefill
+
     def prefill_function(self, name: str, n_tokens: int) -> str:
         """``name`` or its dense twin for an ``n_tokens`` prefill call (see `__init__`'s ``ffn``)."""
         if self.ffn != "auto" or (self.art.manifest.get("ffn") or {}).get("policy") != "auto":
             return name
-        if self._prefill_choice is False:
-            from blockffn.runtime.prefill_choice import prefill_choice
-
-            self._prefill_choice = None  # while measuring: the measurement itself runs both explicitly
-            self._prefill_choice = prefill_choice(self)
+        self.measure_prefill_choice()
         twin = name + "_dense"
         if self._prefill_choice is not None and twin in self.functions and self._prefill_choice.dense(n_tokens):
             return twin

@@ -139,6 +139,8 @@ class Generator:
         stop_ids = set(params.stop_token_ids) | ({e.cfg.eos_token_id} if params.stop_at_eos else set())
         watch = _StopWatch(e.tokenizer, params.stop, on_text)
         e.reset()
+        if e.ffn == "auto":  # before our sequence takes a slot (a library built for one sequence has no other)
+            e.measure_prefill_choice()
         e.add_sequence(SEQ)
         res = GenerationResult([], "", 0.0, 0.0, "length", n_prompt=len(prompt_ids))
         try:

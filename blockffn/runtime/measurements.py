@@ -27,8 +27,11 @@ def best_time(fn, repeat: int = 7) -> float:
     return float(np.min(times))
 
 
-def cached_measurement(kind: str, library: Path, parts: list[str], measure: Callable[[], dict]) -> dict:
-    """``measure()`` (a JSON-able dict), cached under ``kind`` for this library file and the key ``parts``."""
+def cached_measurement(kind: str, library: Path, parts: list[str], measure: Callable[[], dict],
+                       parse: Callable[[dict], object] = lambda d: d):
+    """``parse(measure())`` (``measure`` returns a JSON-able dict), cached under ``kind`` for this library file and
+    the key ``parts``.  An entry that ``parse`` rejects (KeyError/TypeError/ValueError) is measured again and
+    replaced."""
     library = Path(library)
     key_src = [str(library.resolve()), str(library.stat().st_mtime), *parts]
     key = hashlib.sha256("|".join(key_src).encode()).hexdigest()[:16]
@@ -37,9 +40,9 @@ def cached_measurement(kind: str, library: Path, parts: list[str], measure: Call
     path = cache_dir() / f"{kind}-{key}.json"
     if path.exists():
         try:
-            return json.loads(path.read_text())
-        except ValueError:
-            pass  # corrupt: measure again
+            return parse(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass  # corrupt or of another format: measure again and replace it
     result = measure()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,4 +51,4 @@ def cached_measurement(kind: str, library: Path, parts: list[str], measure: Call
         tmp.replace(path)
     except OSError:
         pass  # a read-only home only costs a re-measurement
-    return result
+    return parse(result)

@@ -86,13 +86,12 @@ def measure_profile(engine, drafter, verify_sizes=(2, 4, 8, 16, 32), tree=(10, 3
 def cached_profile(engine, drafter, ffn: str) -> CostProfile:
     """`measure_profile`, cached on disk per library file, draft library, device and FFN mode."""
     parts = [engine.device, ffn, "" if drafter is None else f"{drafter.kind}:{getattr(drafter, 'folder', '')}"]
-    d = cached_measurement("spec-profile", engine.art.library, parts,
-                           lambda: measure_profile(engine, drafter).__dict__)
-    try:
-        return CostProfile(d["t_decode"], {int(k): v for k, v in d["t_verify"].items()}, d["t_draft_step"],
-                           d["t_tree"])
-    except (KeyError, TypeError, AttributeError):
-        return measure_profile(engine, drafter)  # an entry of another format: measure, do not trust it
+    return cached_measurement("spec-profile", engine.art.library, parts,
+                              lambda: measure_profile(engine, drafter).__dict__, parse=_profile_from_json)
+
+
+def _profile_from_json(d: dict) -> CostProfile:
+    return CostProfile(d["t_decode"], {int(k): v for k, v in d["t_verify"].items()}, d["t_draft_step"], d["t_tree"])
 
 
 @dataclass

@@ -74,13 +74,10 @@ class PrefillChoice:
 
 
 def prefill_choice(engine) -> PrefillChoice | None:
-    """The measured choice for an engine whose library has chunked-union prefill with dense twins (else None)."""
+    """The measured choice for an engine whose library has chunked-union prefill with dense twins (else None).
+    Needs a free sequence slot for its scratch sequence (the caller checks)."""
     twins = (engine.art.manifest.get("ffn") or {}).get("dense_twins", {})
-    if twins.get("prefill") not in engine.functions or len(engine.state.lengths) >= engine.max_batch:
-        return None  # nothing to choose, or no free sequence slot to measure with (then: as compiled)
-    costs = cached_measurement("prefill-choice", engine.art.library, [engine.device],
-                               lambda: measure_prefill(engine))
-    try:
-        return PrefillChoice(costs)
-    except (KeyError, TypeError, ValueError):
-        return PrefillChoice(measure_prefill(engine))  # an entry of another format
+    if twins.get("prefill") not in engine.functions:
+        return None
+    return cached_measurement("prefill-choice", engine.art.library, [engine.device],
+                              lambda: measure_prefill(engine), parse=PrefillChoice)

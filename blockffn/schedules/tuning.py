@@ -163,7 +163,11 @@ class Tuning:
             costliest = sorted(tasks, key=lambda n: -estimate_tir_flops(tasks[n][0]) * tasks[n][1])
             tasks = {n: tasks[n] for n in costliest[: self.max_kernels]}
         records = Counter(structural_hash(r.workload.mod) for r in self.database.get_all_tuning_records())
-        todo = {name: task for name, task in tasks.items() if records[structural_hash(task[0])] < self.trials}
+        # a kernel counts as tuned with `trials` records, or once it got a `trials` budget before (a small search
+        # space, or failed builds, can leave it with fewer records: re-tuning it would only repeat the search)
+        budgets = self._budgets()
+        todo = {name: task for name, task in tasks.items()
+                if max(records[h := structural_hash(task[0])], budgets.get(str(h), 0)) < self.trials}
         log(f"  tuning {len(todo)} of {len(tasks)} static dense kernels ({len(tasks) - len(todo)} from the "
             f"database), {self.trials} trials each -> {self.db_dir}")
         if not todo:
@@ -183,7 +187,22 @@ class Tuning:
                           builder=ms.builder.LocalBuilder(max_workers=contexts[0].num_threads,
                                                           f_build=_build_candidate),
                           database=self.database)
+        budgets.update({str(structural_hash(m)): self.trials for m, _ in todo.values()})
+        self._save_budgets(budgets)
         log(f"  tuned {len(todo)} kernels in {time.perf_counter() - t0:.1f} s")
+
+    BUDGETS = "blockffn-trials.json"  # kernel workload hash -> trials it was given (beside MetaSchedule's files)
+
+    def _budgets(self) -> dict:
+        try:
+            return {str(k): int(v) for k, v in json.loads((self.db_dir / self.BUDGETS).read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            return {}  # none yet, or unreadable: count records only
+
+    def _save_budgets(self, budgets: dict) -> None:
+        tmp = self.db_dir / (self.BUDGETS + ".tmp")
+        tmp.write_text(json.dumps(budgets, indent=1))
+        tmp.replace(self.db_dir / self.BUDGETS)
 
     def apply_pass(self):
         """Relax pass: replace each kernel the database has a record for by its best schedule (marked scheduled,
