@@ -69,9 +69,9 @@ class PagedModel:
                                                        S([self.prefill_chunk]), S([page_size]), S([0]))
         self.state = KVState()
         self._names: dict = {}
-        self._pending_tree: dict = {}
+        self._pending_tree: dict = {}  # seq -> (n_tree, parent_ptr) of a tree forward not yet committed
         self.collect_stats = False  # use the *_with_stats functions of a --debug-counts build when present
-        self.stats_log: list = []  # seq -> (n_tree, parent_ptr) of a tree forward not yet committed
+        self.stats_log: list = []  # router counts of each *_with_stats call
 
     def _load_params(self, names):
         import tvm
@@ -198,6 +198,10 @@ class Engine(PagedModel):
         self.ffn = ffn
         self._names = self._function_names(ffn)
         self._tokenizer = None
+        ffn_meta = m.get("ffn") or {}
+        # prefill function -> dense twin, when this engine chooses between them by measurement
+        self._prefill_twins = ({f: t for f, t in ffn_meta.get("dense_twins", {}).items() if f.startswith("prefill")
+                                or f == "batch_prefill"} if ffn == "auto" and ffn_meta.get("policy") == "auto" else {})
         self._prefill_choice = False  # not measured yet; None: nothing to choose
 
     def _function_names(self, ffn: str) -> dict:
@@ -212,7 +216,7 @@ class Engine(PagedModel):
         """Time chunked-union against dense prefill once (cached on disk; see `blockffn.runtime.prefill_choice`).
         Needs a free sequence slot: callers that fill every slot call this first (`Generator` does).  A failed
         measurement leaves the library's compiled prefill in use."""
-        if self._prefill_choice is not False or len(self.state.lengths) >= self.max_batch:
+        if not self._prefill_twins or self._prefill_choice is not False or len(self.state.lengths) >= self.max_batch:
             return  # measured already, or no scratch slot now (try again at a later prefill)
         from blockffn.runtime.prefill_choice import prefill_choice
 
@@ -224,11 +228,11 @@ class Engine(PagedModel):
 
     def prefill_function(self, name: str, n_tokens: int) -> str:
         """``name`` or its dense twin for an ``n_tokens`` prefill call (see `__init__`'s ``ffn``)."""
-        if self.ffn != "auto" or (self.art.manifest.get("ffn") or {}).get("policy") != "auto":
+        twin = self._prefill_twins.get(name)
+        if twin is None:
             return name
         self.measure_prefill_choice()
-        twin = name + "_dense"
-        if self._prefill_choice is not None and twin in self.functions and self._prefill_choice.dense(n_tokens):
+        if self._prefill_choice and twin in self.functions and self._prefill_choice.dense(n_tokens):
             return twin
         return name
 

@@ -27,6 +27,17 @@ def best_time(fn, repeat: int = 7) -> float:
     return float(np.min(times))
 
 
+def interpolate_cost(costs: dict, n: float) -> float:
+    """Seconds for size ``n`` from measured {size: seconds}: linear between the measured sizes, extended past the
+    largest along the last segment (proportional to size with a single measurement)."""
+    xs = np.array(sorted(costs), dtype=float)
+    ys = np.array([costs[k] for k in sorted(costs)], dtype=float)
+    if len(xs) == 1:
+        return float(ys[0] * n / xs[0])
+    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    return float(np.interp(n, xs, ys, right=ys[-1] + (n - xs[-1]) * slope))
+
+
 def cached_measurement(kind: str, library: Path, parts: list[str], measure: Callable[[], dict],
                        parse: Callable[[dict], object] = lambda d: d):
     """``parse(measure())`` (``measure`` returns a JSON-able dict), cached under ``kind`` for this library file and

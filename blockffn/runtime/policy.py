@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from blockffn.runtime.measurements import best_time, cached_measurement
+from blockffn.runtime.measurements import best_time, cached_measurement, interpolate_cost
 
 
 @dataclass
@@ -36,10 +36,7 @@ class CostProfile:
     t_tree: float  # one EAGLE-2 tree draft (0 without a tree-capable draft)
 
     def verify(self, n: int) -> float:
-        sizes = sorted(self.t_verify)
-        xs = np.array(sizes, dtype=float)
-        ys = np.array([self.t_verify[s] for s in sizes])
-        return float(np.interp(n, xs, ys, right=ys[-1] + (n - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])))
+        return interpolate_cost(self.t_verify, n)
 
 
 def measure_profile(engine, drafter, verify_sizes=(2, 4, 8, 16, 32), tree=(10, 3, 31), seq_id: int = 7) -> CostProfile:

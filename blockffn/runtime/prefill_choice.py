@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from blockffn.errors import BlockFFNError
-from blockffn.runtime.measurements import best_time, cached_measurement
+from blockffn.runtime.measurements import best_time, cached_measurement, interpolate_cost
 
 PREFILL_FUNCTIONS = ("prefill", "batch_prefill", "prefill_to_last_hidden_states")
 CALIBRATION_LENGTHS = (16, 128)
@@ -54,23 +54,15 @@ class PrefillChoice:
     """Per-call choice between the sparse prefill functions and their dense twins, from measured costs."""
 
     def __init__(self, costs: dict):
-        self.lengths = np.array(sorted(int(n) for n in costs["sparse"]), dtype=float)
-        self.costs = {k: np.array([costs[k][str(int(n))] for n in self.lengths]) for k in ("sparse", "dense")}
-
-    def estimate(self, kind: str, n: int) -> float:
-        xs, ys = self.lengths, self.costs[kind]
-        if len(xs) == 1:
-            return float(ys[0] * n / xs[0])
-        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
-        return float(np.interp(n, xs, ys, right=ys[-1] + (n - xs[-1]) * slope))
+        self.costs = {k: {int(n): float(costs[k][n]) for n in costs["sparse"]} for k in ("sparse", "dense")}
 
     def dense(self, n: int) -> bool:
         """Whether an ``n``-token prefill call should run the dense twin."""
-        return self.estimate("dense", n) < self.estimate("sparse", n)
+        return interpolate_cost(self.costs["dense"], n) < interpolate_cost(self.costs["sparse"], n)
 
     def summary(self) -> dict:
-        return {int(n): {"sparse_ms": round(float(s) * 1e3, 3), "dense_ms": round(float(d) * 1e3, 3)}
-                for n, s, d in zip(self.lengths, self.costs["sparse"], self.costs["dense"])}
+        return {n: {kind: round(self.costs[kind.removesuffix("_ms")][n] * 1e3, 3) for kind in ("sparse_ms", "dense_ms")}
+                for n in sorted(self.costs["sparse"])}
 
 
 def prefill_choice(engine) -> PrefillChoice | None:
