@@ -38,9 +38,6 @@ class CompileOptions:
     tune_max_kernels: int | None = None  # tune only the N costliest static kernels (tests; None: all)
 
 
-MODEL_FUNCTIONS = ("prefill", "decode", "batch_prefill", "batch_decode", "batch_verify",
-                   "prefill_to_last_hidden_states", "decode_to_last_hidden_states",
-                   "batch_verify_to_last_hidden_states")
 # A step's FFN touches only the union of its tokens' experts: over the whole call where the call has few tokens
 # (decode, speculative verification), per chunk of --union-chunk consecutive tokens in prefill (a long prompt's
 # union covers nearly every expert; a chunk's stays small because BlockFFN is trained for chunk-level sparsity).

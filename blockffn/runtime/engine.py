@@ -199,9 +199,10 @@ class Engine(PagedModel):
         self._names = self._function_names(ffn)
         self._tokenizer = None
         ffn_meta = m.get("ffn") or {}
-        # prefill function -> dense twin, when this engine chooses between them by measurement
-        self._prefill_twins = ({f: t for f, t in ffn_meta.get("dense_twins", {}).items() if f.startswith("prefill")
-                                or f == "batch_prefill"} if ffn == "auto" and ffn_meta.get("policy") == "auto" else {})
+        # chunked-union (prefill) function -> its dense twin, when this engine chooses between them by measurement
+        twins = ffn_meta.get("dense_twins", {})
+        self._prefill_twins = ({f: twins[f] for f in ffn_meta.get("union_chunk", {}) if f in twins}
+                               if ffn == "auto" and ffn_meta.get("policy") == "auto" else {})
         self._prefill_choice = False  # not measured yet; None: nothing to choose
 
     def _function_names(self, ffn: str) -> dict:
