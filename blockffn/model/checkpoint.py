@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from blockffn.errors import CheckpointError
@@ -72,20 +73,32 @@ def expected_shapes(cfg: BlockFFNConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _split_fused_qkv(tensors: dict, cfg: BlockFFNConfig) -> dict:
-    """The 2.8B loader accepts a fused ``qkv_proj``; split it into q/k/v so both layouts load."""
-    if cfg.attention_type != "gqa":
-        return tensors
-    out = dict(tensors)
-    h, kvh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.gqa_head_dim
-    for name in [n for n in tensors if n.endswith("self_attn.qkv_proj.weight")]:
-        w = out.pop(name)
-        if w.shape[0] != (h + 2 * kvh) * hd:
-            raise CheckpointError(f"{name}: shape {tuple(w.shape)} does not fit {h}+2x{kvh} heads of {hd}")
-        q, k, v = w.split([h * hd, kvh * hd, kvh * hd])
+def official_layout(name: str, t: torch.Tensor, cfg: BlockFFNConfig):
+    """Yield ``(name, tensor)`` in our layout for one stored tensor of any layout the official code loads.
+
+    Two official variants differ from ours: the 2.8B engine's fused ``qkv_proj`` (split into q/k/v), and
+    ``ffn_type: "block"`` 3-D experts (``up_proj [E, De, d]``, ``down_proj [E, d, De]``; reshaped to the
+    ``block_linear`` ``[E·De, d]`` / ``[d, E·De]`` matrices, expert e = rows / columns ``e·De:(e+1)·De``).
+    Works one tensor at a time so streaming readers can use it.
+    """
+    E, De, d = cfg.num_experts, cfg.expert_size, cfg.hidden_size
+    if name.endswith("self_attn.qkv_proj.weight") and cfg.attention_type == "vanilla":
+        h, kvh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.gqa_head_dim
+        if t.shape[0] != (h + 2 * kvh) * hd:
+            raise CheckpointError(f"{name}: shape {tuple(t.shape)} does not fit {h}+2x{kvh} heads of {hd}")
         base = name[: -len("qkv_proj.weight")]
-        out[base + "q_proj.weight"], out[base + "k_proj.weight"], out[base + "v_proj.weight"] = q, k, v
-    return out
+        for part, w in zip(("q_proj", "k_proj", "v_proj"), t.split([h * hd, kvh * hd, kvh * hd])):
+            yield f"{base}{part}.weight", w
+    elif name.endswith("mlp.up_proj") and tuple(t.shape) == (E, De, d):
+        yield name, t.reshape(E * De, d)
+    elif name.endswith("mlp.down_proj") and tuple(t.shape) == (E, d, De):
+        yield name, t.permute(1, 0, 2).reshape(d, E * De)
+    else:
+        yield name, t
+
+
+def to_our_layout(tensors: dict[str, torch.Tensor], cfg: BlockFFNConfig) -> dict[str, torch.Tensor]:
+    return {n: w for name, t in tensors.items() for n, w in official_layout(name, t, cfg)}
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], cfg: BlockFFNConfig, source: str) -> None:
@@ -181,13 +194,125 @@ def _read_index(folder: Path, index_name: str, reader) -> dict[str, torch.Tensor
     return tensors
 
 
+class TensorSource:
+    """Random access to a checkpoint's tensors, one at a time, in our layout (for streaming conversion).
+
+    Only headers are read up front: every name and shape is checked against the config before any tensor is
+    loaded.  Each ``get`` opens the safetensors file, copies that one tensor out and closes (unmaps) the file, so
+    resident memory holds the tensors being converted, never the model.  Tensors an official layout packs
+    together (a fused ``qkv_proj``) are split once and their siblings kept until asked for.  ``pytorch_model.bin``
+    files are memory-mapped (``torch.load(mmap=True, weights_only=True)``), which bounds memory less tightly.
+    """
+
+    def __init__(self, folder: str | Path, cfg: BlockFFNConfig):
+        self.folder, self.cfg = Path(folder), cfg
+        self._files = self._locate()  # stored name -> file
+        self._bins: dict[Path, dict] = {}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._source_of: dict[str, str] = {}  # our name -> stored name
+        shapes = {}
+        for stored, (shape, dtype) in self._headers().items():
+            for ours, t in official_layout(stored, torch.empty(shape, dtype=dtype, device="meta"), cfg):
+                self._source_of[ours] = stored
+                shapes[ours] = t
+        check_tensors(shapes, cfg, str(self.folder))
+        self.names = [n for n in expected_shapes(cfg)]
+
+    def _locate(self) -> dict[str, Path]:
+        folder = self.folder
+        for index_name in (SAFE_INDEX, BIN_INDEX):
+            if (folder / index_name).exists():
+                try:
+                    weight_map = json.loads((folder / index_name).read_text())["weight_map"]
+                    files = {n: folder / f for n, f in weight_map.items()}
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                    raise CheckpointError(f"{folder / index_name}: malformed index ({e})") from None
+                for f in sorted(set(files.values())):
+                    if not f.exists():
+                        raise CheckpointError(f"{f}: shard listed in {index_name} is missing")
+                return files
+        singles = [folder / "model.safetensors"] if (folder / "model.safetensors").exists() else sorted(
+            folder.glob("*.safetensors"))
+        path = singles[0] if len(singles) == 1 else folder / "pytorch_model.bin"
+        if not path.exists():
+            read_tensors(folder)  # raises the loader's one-line error (pickle refusal, nothing found)
+        return {n: path for n in self._keys(path)}
+
+    def _keys(self, path: Path) -> list[str]:
+        return list(self._header(path))
+
+    def _header(self, path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        if path.suffix != ".safetensors":
+            return {n: (tuple(t.shape), t.dtype) for n, t in self._bin(path).items()}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                out = {}
+                for n in f.keys():
+                    sl = f.get_slice(n)
+                    out[n] = (tuple(sl.get_shape()), _SAFE_DTYPES.get(sl.get_dtype(), torch.float32))
+                return out
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+
+    def _headers(self) -> dict:
+        out = {}
+        for path in sorted(set(self._files.values())):
+            for name, meta in self._header(path).items():
+                if self._files.get(name) != path:
+                    raise CheckpointError(f"{path}: tensor '{name}' is not listed for this shard in the index")
+                out[name] = meta
+        missing = [n for n in self._files if n not in out]
+        if missing:
+            raise CheckpointError(f"{self.folder}: tensor '{missing[0]}' is listed but in no shard")
+        return out
+
+    def _bin(self, path: Path) -> dict:
+        if path not in self._bins:
+            try:
+                self._bins[path] = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # torch raises UnpicklingError/RuntimeError variants
+                raise CheckpointError(f"{path}: cannot be read safely with weights_only=True "
+                                      f"({type(e).__name__})") from None
+        return self._bins[path]
+
+    def _load_stored(self, stored: str) -> torch.Tensor:
+        path = self._files[stored]
+        if path.suffix != ".safetensors":
+            return self._bin(path)[stored]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(stored).clone()  # a copy that outlives the mapping
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` (our layout, stored dtype)."""
+        if name in self._pending:
+            return self._pending.pop(name)
+        if name not in self._source_of and name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+            return self.get("model.embed_tokens.weight")
+        stored = self._source_of[name]
+        out = None
+        for ours, t in official_layout(stored, self._load_stored(stored), self.cfg):
+            if ours == name:
+                out = t.contiguous()
+            else:
+                self._pending[ours] = t.contiguous()
+        return out
+
+
+_SAFE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
+
+
 def load_model(folder: str | Path, dtype: str | torch.dtype | None = "float32") -> BlockFFNForCausalLM:
     """Load a model folder; ``dtype=None`` keeps the stored dtype of each tensor's first occurrence."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a model folder")
     cfg = BlockFFNConfig.load(folder / "config.json")
-    tensors = _split_fused_qkv(read_tensors(folder), cfg)
+    tensors = to_our_layout(read_tensors(folder), cfg)
     check_tensors(tensors, cfg, str(folder))
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)

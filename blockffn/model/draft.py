@@ -40,7 +40,7 @@ from torch import nn
 from blockffn.errors import CheckpointError, ConfigError
 from blockffn.model.checkpoint import (atomic_output_dir, check_named_shapes, expected_shapes, read_tensors,
                                        resolve_dtype, write_safetensors)
-from blockffn.model.config import BlockFFNConfig
+from blockffn.model.config import ATTENTION_ALIASES, BlockFFNConfig
 from blockffn.model.modeling import GQAAttention, KVCache, MLAAttention, RMSNorm, default_positions_and_mask
 
 DRAFT_ARCHITECTURE = "EagleMiniCPMForCausalLM"
@@ -148,8 +148,11 @@ class DraftConfig:
                               f"is this the target model folder?")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         extra = {k: v for k, v in raw.items() if k not in known and k not in ("architectures", "model_type")}
+        kwargs = {k: v for k, v in raw.items() if k in known}
+        if isinstance(kwargs.get("attention_type"), str):
+            kwargs["attention_type"] = ATTENTION_ALIASES.get(kwargs["attention_type"], kwargs["attention_type"])
         try:
-            cfg = cls(**{k: v for k, v in raw.items() if k in known}, extra=extra)
+            cfg = cls(**kwargs, extra=extra)
         except TypeError as e:  # pragma: no cover - dataclass init only fails on programming errors
             raise ConfigError(f"{path}: invalid draft config ({e})") from None
         return cfg.validate()

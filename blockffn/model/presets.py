@@ -16,8 +16,8 @@ PRESETS: dict[str, dict] = {
                   expert_size=128),
     "xlarge": dict(_MLA, hidden_size=1792, num_hidden_layers=35, num_attention_heads=14, num_experts=56,
                    expert_size=128),
-    # 2.8B acceleration model: GQA 16 q heads x 128, 4 KV heads (inferred, research/blockffn.md §2.3).
-    "3b": dict(attention_type="gqa", hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
+    # 2.8B acceleration model: GQA (official attention_type "vanilla") 16 q heads x 128, 4 KV heads (inferred, research/blockffn.md §2.3).
+    "3b": dict(attention_type="vanilla", hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
                num_key_value_heads=4, head_dim=128, num_experts=128, expert_size=128, intermediate_size=16384,
                vocab_size=73440),
     # The bundled default model: MLA like the official small family, scaled to train on 2 CPU cores.
@@ -26,7 +26,7 @@ PRESETS: dict[str, dict] = {
                  v_head_dim=64, num_experts=16, expert_size=64, intermediate_size=1024, vocab_size=4096,
                  max_position_embeddings=1024),
     # GQA counterpart of "tiny" (same FFN), used by tests of the GQA family.
-    "tiny-gqa": dict(attention_type="gqa", hidden_size=256, num_hidden_layers=6, num_attention_heads=4,
+    "tiny-gqa": dict(attention_type="vanilla", hidden_size=256, num_hidden_layers=6, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=64, num_experts=16, expert_size=64, intermediate_size=1024,
                      vocab_size=4096, max_position_embeddings=1024),
 }
