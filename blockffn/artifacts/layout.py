@@ -9,6 +9,10 @@ TENSOR_CACHE = "tensor-cache.json"
 LEGACY_TENSOR_CACHE = "ndarray-cache.json"  # runtimes from before Sept 2025 look for this name
 MANIFEST = "blockffn-manifest.json"
 MLC_CHAT_CONFIG_VERSION = "0.1.0"
+ARTIFACT_FORMAT = "blockffn-artifact/1"
+LIBRARY_MANIFEST_KEY = "blockffn"  # `_metadata` key holding the library's half of the manifest
+# model_config keys of mlc-chat-config.json that are MLC's, not the checkpoint's
+CHAT_ONLY_MODEL_KEYS = ("context_window_size", "prefill_chunk_size", "tensor_parallel_shards", "max_batch_size")
 
 # --dtype name -> model (compute) dtype; q4* are group-quantized (blockffn.compiler.quantization)
 QUANTIZATIONS = {"q0f32": "float32", "q0f16": "float16", "q0bf16": "bfloat16", "q4f16_1": "float16",
@@ -79,3 +83,24 @@ def chat_config(cfg: BlockFFNConfig, quantization: str, context_window: int, pre
         "eos_token_id": cfg.eos_token_id,
         "model_task": "chat",
     }
+
+
+def config_from_chat_config(chat: dict, where) -> BlockFFNConfig:
+    """The model's config from an mlc-chat-config.json document (its ``model_config``)."""
+    from blockffn.errors import ConfigError
+
+    model_config = chat.get("model_config") if isinstance(chat, dict) else None
+    if not isinstance(model_config, dict):
+        raise ConfigError(f"{where}: no model_config object (not an mlc-chat-config.json written by blockffn)")
+    return BlockFFNConfig.from_hf_dict({k: v for k, v in model_config.items() if k not in CHAT_ONLY_MODEL_KEYS})
+
+
+def manifest_from_metadata(metadata: dict, library: str) -> dict:
+    """An artifact manifest from a library's ``_metadata``: its embedded half (target, quantization, weight
+    layout, sizes, versions, passes) plus the FFN lowering, exported functions, parameters and memory plan."""
+    manifest = dict(metadata[LIBRARY_MANIFEST_KEY])
+    manifest.update(library=library, ffn=metadata["ffn"], functions=metadata["functions"],
+                    params=[{k: p[k] for k in ("name", "shape", "dtype")} for p in metadata["params"]],
+                    memory_usage=metadata["memory_usage"])
+    manifest.setdefault("draft", None)
+    return manifest

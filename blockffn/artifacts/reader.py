@@ -10,7 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from blockffn.artifacts.layout import CHAT_CONFIG, MANIFEST, TENSOR_CACHE
+from blockffn.artifacts.layout import (CHAT_CONFIG, LIBRARY_MANIFEST_KEY, MANIFEST, TENSOR_CACHE,
+                                      config_from_chat_config, manifest_from_metadata)
 from blockffn.artifacts.weights import file_md5
 from blockffn.errors import BlockFFNError
 from blockffn.model.config import BlockFFNConfig
@@ -77,21 +78,79 @@ def check_shards(path: Path, cache: dict, verify_md5: bool = True) -> None:
             raise ArtifactError(f"{f}: md5 mismatch (corrupt weight shard)")
 
 
-def open_artifact(path: str | Path, verify_md5: bool = True) -> Artifact:
+def library_metadata(library: Path) -> dict:
+    """Call a library's ``_metadata()`` (a constant string), on the host, or on the GPU for a library that the
+    host VM cannot be set up for."""
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    error = None
+    for device in (tvm.cpu(), tvm.cuda(0)):
+        try:
+            vm = VirtualMachine(tvm.runtime.load_module(str(library)), device)
+            return json.loads(str(vm["_metadata"]()))
+        except Exception as e:  # a foreign file, a library for a device this runtime cannot load
+            error = error or e
+    raise ArtifactError(f"{library}: cannot read the library's _metadata ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''})") from None
+
+
+def library_manifest(library: Path) -> dict:
+    """The manifest a library built by ``blockffn-compile -o NAME.so`` carries in its ``_metadata``."""
+    metadata = library_metadata(library)
+    if LIBRARY_MANIFEST_KEY not in metadata:
+        raise ArtifactError(f"{library}: not a blockffn model library (its _metadata has no '{LIBRARY_MANIFEST_KEY}' "
+                            f"entry; rebuild it with blockffn-compile)")
+    return manifest_from_metadata(metadata, str(library.resolve()))
+
+
+def check_weights_match(manifest: dict, cache: dict, path: Path) -> None:
+    """Refuse a library and weights made for each other's quantization or layout, in one line."""
+    record = (cache.get("metadata") or {}).get(LIBRARY_MANIFEST_KEY)
+    lib = manifest.get("library")
+    if record is not None:
+        for key, what in (("quantization", "quantization"), ("weight_layout", "weight layout")):
+            if record.get(key) != manifest.get(key):
+                raise ArtifactError(
+                    f"{path / TENSOR_CACHE}: weights converted for {what} {record.get(key)!r} but the library "
+                    f"{lib} expects {manifest.get(key)!r}; run `blockffn convert-weight --dtype "
+                    f"{manifest.get('quantization')}` for this library")
+    stored = {r["name"]: r for shard in cache.get("records", []) for r in shard.get("records", [])}
+    for p in manifest.get("params", []):
+        r = stored.get(p["name"])
+        if r is None or list(r["shape"]) != list(p["shape"]) or r["dtype"] != p["dtype"]:
+            got = "missing" if r is None else f"{r['dtype']} {list(r['shape'])}"
+            raise ArtifactError(f"{path / TENSOR_CACHE}: tensor '{p['name']}' is {got} but the library {lib} expects "
+                                f"{p['dtype']} {list(p['shape'])}; the weights and the library were made for "
+                                f"different models or --dtype")
+
+
+def open_artifact(path: str | Path, verify_md5: bool = True, model_lib: str | Path | None = None) -> Artifact:
+    """An artifact folder: weights, mlc-chat-config.json and a library, either the one its manifest names or
+    ``model_lib`` (a library built alone by ``blockffn-compile -o NAME.so``, whose ``_metadata`` says which
+    weights it expects)."""
     path = Path(path)
     if not path.is_dir():
         raise ArtifactError(f"{path}: not an artifact folder")
-    manifest = _read_json(path / MANIFEST)
+    if model_lib is None and not (path / MANIFEST).exists() and (path / TENSOR_CACHE).exists():
+        raise ArtifactError(f"{path}: has weights but no {MANIFEST}; pass the model library built for it "
+                            f"(--model-lib NAME.so from `blockffn-compile -o NAME.so`)")
+    if model_lib is not None:
+        lib = Path(model_lib)
+        if not lib.is_file():
+            raise ArtifactError(f"{lib}: model library missing")
+        manifest = library_manifest(lib)
+    else:
+        manifest = _read_json(path / MANIFEST)
     chat_config = _read_json(path / CHAT_CONFIG)
     cache = _read_json(path / TENSOR_CACHE)
-    check_versions(manifest, path / MANIFEST)
+    check_versions(manifest, path / MANIFEST if model_lib is None else Path(model_lib))
     lib = path / manifest.get("library", "")
     if not manifest.get("library") or not lib.exists():
         raise ArtifactError(f"{lib}: model library missing")
     check_shards(path, cache, verify_md5)
-    cfg = BlockFFNConfig.from_hf_dict({k: v for k, v in chat_config["model_config"].items()
-                                       if k not in ("context_window_size", "prefill_chunk_size",
-                                                    "tensor_parallel_shards", "max_batch_size")})
+    check_weights_match(manifest, cache, path)
+    cfg = config_from_chat_config(chat_config, path / CHAT_CONFIG)
     return Artifact(path, manifest, cache, chat_config, cfg)
 
 

@@ -26,7 +26,9 @@ def to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
     return t.detach().to(getattr(torch, dtype)).contiguous().numpy()
 
 
-def write_tensor_cache(tensors: dict[str, np.ndarray], out_dir: Path, shard_cap_mb: int = 32) -> dict:
+def write_tensor_cache(tensors, out_dir: Path, shard_cap_mb: int = 32, metadata: dict | None = None) -> dict:
+    """``tensors``: a dict or an iterator of ``(name, array)``; tvmjs writes each shard as it fills, so an iterator
+    is never held in memory as a whole."""
     import contextlib
     import io
 
@@ -34,7 +36,7 @@ def write_tensor_cache(tensors: dict[str, np.ndarray], out_dir: Path, shard_cap_
 
     with contextlib.redirect_stdout(io.StringIO()):  # tvmjs prints progress lines unconditionally
         tvmjs.dump_tensor_cache(tensors, str(out_dir), encode_format="raw", shard_cap_mb=shard_cap_mb,
-                                show_progress=False)
+                                show_progress=False, meta_data=metadata)
     shutil.copyfile(out_dir / TENSOR_CACHE, out_dir / LEGACY_TENSOR_CACHE)
     return json.loads((out_dir / TENSOR_CACHE).read_text())
 

@@ -47,6 +47,9 @@ def _compile_options(f):
                      help="Tuning database folder: tuned kernels are reused from it and new ones added; alone "
                           "(--tune-trials 0) it is only applied. Default with --tune-trials: one per target under "
                           "~/.cache/blockffn/tuning."),
+        click.option("--cuda-graph", is_flag=True,
+                     help="CUDA targets: capture each step's kernels (between KV-cache calls) as CUDA graphs and "
+                          "replay them, removing most per-kernel launch cost (BlockFFN layers are inlined first)."),
         click.option("--overwrite", is_flag=True, help="Replace an existing output folder."),
         click.option("--list-targets", is_flag=True, help="Print the target presets and exit."),
     ]
@@ -56,7 +59,8 @@ def _compile_options(f):
 
 
 def _run_compile(model_dir, target, quantization, output, context_window, prefill_chunk, max_batch_size, ffn,
-                 union_chunk, arch, draft, debug_counts, tune_trials, tune_db, overwrite, list_targets) -> None:
+                 union_chunk, arch, draft, debug_counts, tune_trials, tune_db, cuda_graph, overwrite,
+                 list_targets) -> None:
     from blockffn.targets import list_targets as presets
 
     if list_targets:
@@ -69,10 +73,12 @@ def _run_compile(model_dir, target, quantization, output, context_window, prefil
     opts = CompileOptions(model_dir=_model_dir(model_dir), target=target, quantization=quantization, output=output,
                           context_window=context_window, prefill_chunk=prefill_chunk, max_batch_size=max_batch_size,
                           overwrite=overwrite, ffn=ffn, union_chunk=union_chunk, arch=arch, draft=draft,
-                          debug_counts=debug_counts, tune_trials=tune_trials, tune_db=tune_db)
+                          debug_counts=debug_counts, tune_trials=tune_trials, tune_db=tune_db, cuda_graph=cuda_graph)
     r = compile_model(opts, log=click.echo)
+    peak = max(r["peak_rss_mb"].values(), default=0)
     if "deploy" in r:  # library-only output
-        click.echo(f"wrote {r['output']} (model library only; how to link and load it: {r['deploy']})")
+        click.echo(f"wrote {r['output']} (model library only, {sum(r['seconds'].values()):.1f} s, peak RSS "
+                   f"{peak:.0f} MiB; how to link and load it: {r['deploy']})")
         return
     mb = 1 / 2**20
     click.echo("memory:")
@@ -80,21 +86,88 @@ def _run_compile(model_dir, target, quantization, output, context_window, prefil
     click.echo(f"  KV cache        {r['kv_cache_bytes_per_sequence'] * mb:9.2f} MiB per full-context sequence")
     for fn in ("prefill", "decode", "batch_prefill", "batch_decode", "batch_verify"):
         click.echo(f"  temp {fn:<14} {r['memory_usage'].get(fn, 0) * mb:7.2f} MiB")
-    click.echo(f"wrote {r['output']} (library {r['library']}, {sum(r['seconds'].values()):.1f} s)")
+    click.echo(f"wrote {r['output']} (library {r['library']}, {sum(r['seconds'].values()):.1f} s, peak RSS "
+               f"{peak:.0f} MiB)")
 
 
-@cli.command("compile")
+COMPILE_HELP = """Compile a BlockFFN model with TVM into an MLC-layout artifact folder: model library, weights
+(as `blockffn convert-weight` writes them) and mlc-chat-config.json (as `blockffn gen-config` does); or, with
+-o NAME.so|.tar, the model library alone, from config.json only (--model may also be an artifact folder or an
+mlc-chat-config.json).
+
+\b
+Memory: the library build reads only config.json (peak RSS is the TVM build: about 1.5-3 GiB for the 2.8B
+shape); an artifact folder also streams the weights one tensor at a time (peak about the largest tensor in fp32
+plus one 32 MiB shard); a model with a draft head is loaded whole to build the draft. Each phase prints its wall
+time and the peak RSS so far."""
+
+
+@cli.command("compile", help=COMPILE_HELP)
 @_compile_options
 def compile_cmd(**kwargs) -> None:
-    """Compile a model into an MLC-layout artifact folder (same as blockffn-compile)."""
     _run_compile(**kwargs)
 
 
-@click.command("blockffn-compile", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("blockffn-compile", context_settings={"help_option_names": ["-h", "--help"]}, help=COMPILE_HELP)
 @_compile_options
 def compile_entry(**kwargs) -> None:
-    """Compile a BlockFFN model with TVM into an MLC-layout artifact folder."""
     _run_compile(**kwargs)
+
+
+_DTYPES = click.Choice(["q0f32", "q0f16", "q0bf16", "q4f16_1", "q4f32_1"])
+
+
+def _report(r: dict, what: str) -> None:
+    peak = max(r["peak_rss_mb"].values(), default=0)
+    click.echo(f"wrote {what} into {r['output']} ({sum(r['seconds'].values()):.1f} s, peak RSS {peak:.0f} MiB)")
+
+
+@cli.command("convert-weight")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+              help="Model folder (default: the bundled model): single or sharded safetensors, bf16/fp16/fp32.")
+@click.option("--dtype", "--quantization", "quantization", type=_DTYPES, default="q0f32", show_default=True)
+@click.option("--target", default=None, help="Accepted for MLC compatibility; weights do not depend on the target.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Artifact folder.")
+@click.option("--overwrite", is_flag=True, help="Replace weights already in the folder (other files are kept).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (times, peak RSS per phase) as JSON.")
+def convert_weight_cmd(model_dir, quantization, target, output, overwrite, as_json) -> None:
+    """Write an artifact's weights (params_shard_*.bin, tensor-cache.json, ndarray-cache.json, tokenizer files) in
+    the layout and quantization the model library of --dtype expects, without building the library.
+
+    \b
+    Memory: streams one tensor at a time from (sharded) safetensors: peak RSS is about the runtime's imports
+    (~0.5 GiB) plus the largest tensor in fp32 plus one 32 MiB shard, never the model (the 2.8B model: under
+    2 GiB). pytorch_model.bin checkpoints are memory-mapped instead."""
+    from blockffn.compiler.convert_weight import convert_weight
+    from blockffn.targets import get_target
+
+    if target is not None:
+        get_target(target)  # an unknown target is still an error
+    r = convert_weight(_model_dir(model_dir), quantization, output, overwrite, log=(lambda *_: None) if as_json
+                       else click.echo)
+    if as_json:
+        click.echo(json.dumps(r))
+    else:
+        _report(r, f"{quantization} weights ({r['param_bytes'] / 2**20:.1f} MiB in {r['shards']} shards)")
+
+
+@cli.command("gen-config")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+              help="Model folder (default: the bundled model); only config.json and tokenizer files are read.")
+@click.option("--dtype", "--quantization", "quantization", type=_DTYPES, default="q0f32", show_default=True)
+@click.option("--context-window", type=int, default=None, help="Max tokens per sequence.")
+@click.option("--prefill-chunk", type=int, default=None, help="Max tokens per prefill call.")
+@click.option("--max-batch-size", type=int, default=8, show_default=True)
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Artifact folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an mlc-chat-config.json already in the folder.")
+def gen_config_cmd(model_dir, quantization, context_window, prefill_chunk, max_batch_size, output, overwrite) -> None:
+    """Write mlc-chat-config.json (model config, sizes, conversation template) and the tokenizer files of an
+    artifact folder.  Memory: reads config.json only (well under 1 GiB)."""
+    from blockffn.compiler.gen_config import gen_config
+
+    r = gen_config(_model_dir(model_dir), quantization, output, context_window, prefill_chunk, max_batch_size,
+                   overwrite, log=lambda *_: None)
+    _report(r, "mlc-chat-config.json")
 
 
 # ---------------------------------------------------------------------------------------------------------- inspect

@@ -87,6 +87,9 @@ def _artifact(path, device: str) -> Path:
               help="Compiled artifact folder run with the TVM runtime (instead of --model).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Runtime device for --artifact.")
+@click.option("--model-lib", type=click.Path(path_type=Path), default=None,
+              help="--artifact: run this model library (built alone by `blockffn-compile -o NAME.so`) over the "
+                   "folder's weights (from `blockffn convert-weight`) instead of the library its manifest names.")
 @click.option("--prompt", required=True)
 @_sampling_options
 @click.option("--sparse", is_flag=True, help="Union-sparse FFN in the PyTorch model.")
@@ -95,7 +98,7 @@ def _artifact(path, device: str) -> Path:
                    "faster here), always the sparse lowering, or the dense twins (same weights).")
 @_speculation_options(None)
 @click.option("--json", "as_json", is_flag=True, help='Print {"tokens": [...], "text": "...", "tok_per_s": ...}.')
-def generate_cmd(model_dir, artifact_dir, device, prompt, sparse, ffn, draft_dir, speculative, draft_len, as_json,
+def generate_cmd(model_dir, artifact_dir, device, model_lib, prompt, sparse, ffn, draft_dir, speculative, draft_len, as_json,
                  **sampling) -> None:
     """Generate text from a prompt, with PyTorch (--model) or a compiled artifact (--artifact); speculative decoding
     with a draft is lossless (same tokens when greedy, same distribution when sampling)."""
@@ -109,7 +112,7 @@ def generate_cmd(model_dir, artifact_dir, device, prompt, sparse, ffn, draft_dir
     if artifact_dir:
         from blockffn.runtime.session import open_generator
 
-        gen = open_generator(artifact_dir, device, draft_dir, speculative, draft_len, ffn)
+        gen = open_generator(artifact_dir, device, draft_dir, speculative, draft_len, ffn, model_lib=model_lib)
         stream = None if as_json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
         if stream:
             stream(prompt)

@@ -5,17 +5,20 @@ from __future__ import annotations
 import datetime
 import json
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from blockffn import __version__
 from blockffn.artifacts import layout
-from blockffn.artifacts.weights import param_records, to_numpy, write_tensor_cache
+from blockffn.artifacts.weights import param_records
+from blockffn.compiler.resources import PhaseTimer
 from blockffn.errors import BlockFFNError
+from blockffn.model.checkpoint import TensorSource, atomic_output_dir, load_model
+from blockffn.model.config import BlockFFNConfig
 from blockffn.relax_passes.add_dense_twins import DENSE_SUFFIX as DENSE_TWIN_SUFFIX
-from blockffn.model.checkpoint import TOKENIZER_FILES, atomic_output_dir, checkpoint_sha256, load_model
 from blockffn.targets import get_target
+
+__all__ = ["CompileOptions", "PhaseTimer", "build_library", "compile_model", "load_compile_config"]
 
 
 @dataclass
@@ -36,6 +39,7 @@ class CompileOptions:
     tune_trials: int = 0  # MetaSchedule trials per static-shape dense kernel (0: no tuning)
     tune_db: Path | None = None  # tuning database folder (default with tune_trials > 0: one per target in the cache)
     tune_max_kernels: int | None = None  # tune only the N costliest static kernels (tests; None: all)
+    cuda_graph: bool = False  # CUDA: replay each step's kernels as CUDA graphs (elsewhere: only the inlining it needs)
 
 
 # A step's FFN touches only the union of its tokens' experts: over the whole call where the call has few tokens
@@ -83,28 +87,6 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "model"
 
 
-class PhaseTimer:
-    """Logs each compile phase with its wall time."""
-
-    def __init__(self, log):
-        self.log, self.times = log, {}
-
-    def __call__(self, name: str):
-        timer = self
-
-        class _Phase:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, exc_type, *_):
-                if exc_type is None:
-                    timer.times[name] = round(time.perf_counter() - self.t0, 3)
-                    timer.log(f"  {name:<15} {timer.times[name]:7.2f} s")
-                return False
-
-        return _Phase()
-
-
 def system_lib_prefix(model_name: str, quantization: str) -> str:
     """Symbol prefix of a system library: model name + quantization, [A-Za-z0-9_] only, not starting with a digit.
     The MLC apps load it as ``system://<prefix without the trailing _>``."""
@@ -133,8 +115,11 @@ class BuiltLibrary:
 
 
 def build_library(opts: CompileOptions, cfg, preset, target, dtype: str, context: int, prefill_chunk: int,
-                  prefix: str | None, timer: "PhaseTimer", scheme=None, tuning=None, log=print) -> BuiltLibrary:
-    """Relax model -> blockffn pipeline (sparse lowering, schedules, metadata) -> VM executable for ``target``."""
+                  prefix: str | None, timer: "PhaseTimer", scheme=None, tuning=None, log=print,
+                  library: dict | None = None) -> BuiltLibrary:
+    """Relax model -> blockffn pipeline (sparse lowering, schedules, metadata) -> VM executable for ``target``.
+    ``library`` (see `library_manifest`) is embedded in ``_metadata`` so the library alone tells the runtime which
+    weights it expects."""
     import tvm
     import tvm_ffi
 
@@ -164,6 +149,8 @@ def build_library(opts: CompileOptions, cfg, preset, target, dtype: str, context
         "params": params_meta, "tvm_version": tvm.__version__, "tvm_ffi_version": tvm_ffi.__version__,
         "blockffn_version": __version__, "target": preset.name,
     }
+    if library is not None:
+        metadata[layout.LIBRARY_MANIFEST_KEY] = library
     bounds = {"seq_len": prefill_chunk, "batch_size": opts.max_batch_size, "total_seq_len": context}
     sparse_fns = sparse_functions(opts.ffn, opts.union_chunk)
     if opts.debug_counts:
@@ -177,27 +164,38 @@ def build_library(opts: CompileOptions, cfg, preset, target, dtype: str, context
         # dense twins (`decode_dense`, ...) let the runtime and `blockffn bench` run both FFN lowerings of the
         # same weights from one library
         graph_passes += [AddDenseTwins(list(sparse_fns)),
-                         LowerBlockFFNSparse(sparse_fns, family=preset.kernel_family)]
+                         LowerBlockFFNSparse(sparse_fns, family=preset.kernel_family,
+                                             max_vector_lanes=4 if target.kind.name == "metal" else 8)]
     metadata["ffn"] = {"policy": opts.ffn, "sparse_functions": list(sparse_fns),
                        "union_chunk": {f: c for f, c in sparse_fns.items() if c is not None},
                        "dense_twins": {f: f + DENSE_TWIN_SUFFIX for f in sparse_fns}}
     executable, functions, pass_names = lower_and_build(mod, metadata, bounds, preset, target, prefix, timer,
-                                                        graph_passes, tuning=tuning, log=log)
+                                                        graph_passes, tuning=tuning, log=log,
+                                                        cuda_graph=opts.cuda_graph)
     return BuiltLibrary(executable, functions, named_params, metadata, pass_names)
 
 
 def lower_and_build(mod, metadata: dict, bounds: dict, preset, target, prefix: str | None, timer,
-                    graph_passes=(), phase: str = "", tuning=None, log=print):
+                    graph_passes=(), phase: str = "", tuning=None, log=print, cuda_graph: bool = False):
     """Our pipeline (graph passes, schedules, memory plan, `_metadata`) then relax.build; shared by the model
     and its draft head.  With ``tuning`` (blockffn.schedules.tuning.Tuning) the pipeline stops after legalization,
     the static dense kernels are tuned into its database, and the rest runs with the database applied first.
-    Returns (executable, exported Relax functions, pass names)."""
+    Returns (executable, exported Relax functions, pass names).
+
+    ``cuda_graph``: TVM's RewriteCUDAGraph captures the static stretches of each function as CUDA graphs; the
+    per-layer subroutines are marked first so that no layer replays another's graph (see
+    `blockffn.relax_passes.graph_safe_subroutines`)."""
     import tvm
     from tvm import relax
 
     from blockffn.compiler.pipeline import build_pipeline
     from blockffn.schedules.dlight_rules import metal_simdgroup_disabled, reduction_rules_guarded, schedule_passes
 
+    if cuda_graph:  # on any target, so that the CPU tests check the inlined module computes the same
+        from blockffn.relax_passes.graph_safe_subroutines import InlineStaticSubroutines
+
+        graph_passes = list(graph_passes) + [InlineStaticSubroutines]
+    cuda_graph = cuda_graph and target.kind.name == "cuda"
     kw = dict(graph_passes=list(graph_passes), schedule_passes=schedule_passes(target))
     if prefix is not None:
         mod = mod.with_attr("system_lib_prefix", prefix)
@@ -209,11 +207,20 @@ def lower_and_build(mod, metadata: dict, bounds: dict, preset, target, prefix: s
                 mod = front(mod)
         with timer(phase + "tune"):
             tuning.tune(mod, target, log)
-        kw.update(after="legalize", tuned_passes=[tuning.apply_pass()])
+
+        @tvm.transform.module_pass(opt_level=0, name="RecordTunedKernels")
+        def record_tuning(m, _ctx):  # the applied kernels are known once the database pass ran
+            if layout.LIBRARY_MANIFEST_KEY in metadata:
+                metadata[layout.LIBRARY_MANIFEST_KEY]["tuning"] = tuning.manifest()
+            return m
+
+        kw.update(after="legalize", tuned_passes=[tuning.apply_pass(), record_tuning])
     pipeline, rest = build_pipeline(target, metadata, bounds, **kw)
     pass_names += rest
+    if layout.LIBRARY_MANIFEST_KEY in metadata:
+        metadata[layout.LIBRARY_MANIFEST_KEY]["passes"] = list(pass_names)
     with timer(phase + "passes"):
-        with target, metal_simdgroup_disabled(target), reduction_rules_guarded():
+        with target, metal_simdgroup_disabled(target), reduction_rules_guarded(), _cuda_graph_context(cuda_graph):
             lowered = pipeline(mod)
     functions = sorted(gv.name_hint for gv, f in lowered.functions.items()
                        if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs)
@@ -221,6 +228,20 @@ def lower_and_build(mod, metadata: dict, bounds: dict, preset, target, prefix: s
         executable = relax.build(lowered, target, relax_pipeline=tvm.transform.Sequential([]),
                                  system_lib=preset.system_lib)
     return executable, functions, pass_names
+
+
+def _cuda_graph_context(enabled: bool):
+    """The current PassContext plus ``relax.backend.use_cuda_graph`` (a no-op context when not enabled)."""
+    import contextlib
+
+    import tvm
+
+    if not enabled:
+        return contextlib.nullcontext()
+    current = tvm.transform.PassContext.current()
+    config = {**dict(current.config), "relax.backend.use_cuda_graph": True}
+    return tvm.transform.PassContext(opt_level=current.opt_level, config=config,
+                                     instruments=list(current.instruments))
 
 
 def tuning_for(opts: CompileOptions, preset, target):
@@ -240,32 +261,79 @@ def tuning_for(opts: CompileOptions, preset, target):
     return tuning.Tuning(database, db_dir, opts.tune_trials, max_kernels=opts.tune_max_kernels)
 
 
-def compile_model(opts: CompileOptions, log=print) -> dict:
-    """Compile into an artifact folder, or, when ``opts.output`` names a library file (``.so``/``.tar``/
-    ``.dylib``), into that library alone (MLC's ``model_lib``) with a DEPLOY note beside it."""
+def load_compile_config(model: str | Path) -> tuple[BlockFFNConfig, dict]:
+    """What a library build reads: the model's config, never its weights.  ``model`` is a model folder
+    (``config.json``), or an artifact folder / ``mlc-chat-config.json`` (MLC's compile input), whose context,
+    prefill and batch sizes then become the defaults.  Returns (config, chat config or {})."""
+    model = Path(model)
+    if model.is_dir() and (model / "config.json").exists():
+        return BlockFFNConfig.load(model / "config.json"), {}
+    chat_path = model if model.name == layout.CHAT_CONFIG else model / layout.CHAT_CONFIG
+    if not chat_path.is_file():
+        raise BlockFFNError(f"{model}: no config.json or {layout.CHAT_CONFIG} (pass a model folder, an artifact "
+                            f"folder or an {layout.CHAT_CONFIG})")
+    try:
+        chat = json.loads(chat_path.read_text())
+    except json.JSONDecodeError as e:
+        raise BlockFFNError(f"{chat_path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    return layout.config_from_chat_config(chat, chat_path), chat
+
+
+def library_manifest(opts: CompileOptions, preset, dtype: str, scheme, lib_name: str, prefix: str | None,
+                     context: int, prefill_chunk: int, tuning) -> dict:
+    """The library's half of the manifest: target, quantization, weight layout, sizes, versions.  Embedded in
+    ``_metadata``; an artifact folder's ``blockffn-manifest.json`` adds the weights' source and the draft."""
     import tvm
     import tvm_ffi
 
+    from blockffn.compiler.convert_weight import weight_layout
+
+    return {
+        "format": layout.ARTIFACT_FORMAT, "blockffn_version": __version__,
+        "target": {"name": preset.name, "tvm_target": preset.target_json(opts.arch),
+                   "host_triple": preset.host_triple, "device": preset.device},
+        "quantization": opts.quantization, "dtype": dtype,
+        "quantization_scheme": scheme.manifest() if scheme is not None else None,
+        "weight_layout": weight_layout(opts.quantization),
+        "library": lib_name, "system_lib_prefix": prefix,
+        "tuning": tuning.manifest() if tuning is not None else {"trials": 0, "database": None, "tuned_kernels": []},
+        "versions": {"tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__, "blockffn": __version__},
+        "context_window_size": context, "prefill_chunk_size": prefill_chunk, "max_batch_size": opts.max_batch_size,
+        "cuda_graph": bool(opts.cuda_graph and preset.tvm_target(opts.arch).kind.name == "cuda"),
+    }
+
+
+def compile_model(opts: CompileOptions, log=print) -> dict:
+    """Compile into an artifact folder (library + streamed weights + mlc-chat-config.json, the three steps of
+    `convert-weight` / `gen-config` / library build in one), or, when ``opts.output`` names a library file
+    (``.so``/``.tar``/``.dylib``), into that library alone (MLC's ``model_lib``; only the config is read) with a
+    DEPLOY note beside it."""
+    from blockffn.compiler.convert_weight import write_weights
+    from blockffn.compiler.gen_config import write_chat_config
     from blockffn.compiler.library_output import check_library_output, library_exporter, write_library
-    from blockffn.compiler.quantization import Q4_EXPERT_LAYOUT, library_tensors, scheme_for
-    from blockffn.compiler.relax_model import DOWN_PROJ_TRANSPOSED, to_library_layout
+    from blockffn.compiler.quantization import scheme_for
 
     preset = get_target(opts.target)
     dtype = layout.storage_dtype(opts.quantization)
     scheme = scheme_for(opts.quantization)
     model_dir = Path(opts.model_dir)
-    name = _safe_name(model_dir.resolve().name)
+    cfg, chat = load_compile_config(model_dir)
+    name = _safe_name(model_dir.resolve().name if model_dir.is_dir() else model_dir.resolve().parent.name)
     output = Path(opts.output) if opts.output else Path("dist") / f"{name}-{opts.quantization}-{preset.name}"
     suffix = check_library_output(preset, output)  # None: artifact folder
     lib_suffix = suffix or preset.lib_suffix
     fcompile = library_exporter(preset, lib_suffix)  # fails now, before compiling, if a toolchain is missing
-    model = load_model(model_dir, dtype="float32")
-    cfg = model.config
-    context = opts.context_window or cfg.max_position_embeddings
+    source = None
+    if suffix is None:  # the weights are checked (headers: every name and shape) before anything is built
+        if not (model_dir.is_dir() and (model_dir / "config.json").exists()):
+            raise BlockFFNError(f"--output {output}: an artifact folder needs the checkpoint's weights, and "
+                                f"{model_dir} is not a model folder; use --output NAME.so|.tar for the library alone")
+        source = TensorSource(model_dir, cfg)
+    context = opts.context_window or chat.get("context_window_size") or cfg.max_position_embeddings
     if not 0 < context <= cfg.max_position_embeddings:
         raise BlockFFNError(f"--context-window must be in 1..{cfg.max_position_embeddings} "
                             f"(the model's max_position_embeddings), got {context}")
-    prefill_chunk = opts.prefill_chunk or min(context, 512)
+    prefill_chunk = opts.prefill_chunk or chat.get("prefill_chunk_size") or min(context, 512)
     if not 0 < prefill_chunk <= context:
         raise BlockFFNError(f"--prefill-chunk must be in 1..{context}, got {prefill_chunk}")
     if opts.max_batch_size <= 0:
@@ -276,78 +344,31 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
     tuning = tuning_for(opts, preset, target)  # fails now on an untunable target or a bad database
     timer = PhaseTimer(log)
     log(f"compiling {model_dir} for {preset.name} ({opts.quantization}) -> {output}")
+    library = library_manifest(opts, preset, dtype, scheme, lib_name, prefix, context, prefill_chunk, tuning)
 
-    def manifest_for(functions, pass_names, metadata, params_meta, draft=None) -> dict:
-        import torch
-
-        return {
-            "format": "blockffn-artifact/1",
-            "blockffn_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"path": str(model_dir.resolve()), "sha256": checkpoint_sha256(model_dir)},
-            "target": {"name": preset.name, "tvm_target": preset.target_json(opts.arch),
-                       "host_triple": preset.host_triple,
-                       "device": preset.device},
-            "quantization": opts.quantization, "dtype": dtype,
-            "quantization_scheme": scheme.manifest() if scheme is not None else None,
-            "weight_layout": {"names": "official HF names",
-                              "transforms": [Q4_EXPERT_LAYOUT if scheme is not None else DOWN_PROJ_TRANSPOSED]},
-            "library": lib_name,
-            "system_lib_prefix": prefix,
-            "passes": pass_names,
-            "ffn": metadata["ffn"],
-            "functions": functions,
-            "tuning": tuning.manifest() if tuning is not None else {"trials": 0, "database": None,
-                                                                    "tuned_kernels": []},
-            "draft": draft,
-            "versions": {"tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__, "torch": torch.__version__,
-                         "blockffn": __version__},
-            "context_window_size": context, "prefill_chunk_size": prefill_chunk,
-            "max_batch_size": opts.max_batch_size,
-            "params": [{k: p[k] for k in ("name", "shape", "dtype")} for p in params_meta],
-            "memory_usage": metadata["memory_usage"],
-            "compile_seconds": timer.times,
-        }
+    def build():
+        return build_library(opts, cfg, preset, target, dtype, context, prefill_chunk, prefix, timer, scheme,
+                             tuning, log, library=library)
 
     from blockffn.artifacts.deploy import deploy_text
 
     if suffix:
-        built = build_library(opts, cfg, preset, target, dtype, context, prefill_chunk, prefix, timer, scheme,
-                              tuning, log)
-        manifest = manifest_for(built.functions, built.pass_names, built.metadata, built.metadata["params"])
+        built = build()
+        manifest = layout.manifest_from_metadata(built.metadata, lib_name)
         with timer("export_library"):
             note = write_library(built.executable, output, fcompile, deploy_text(preset, manifest, library_only=True),
                                  overwrite=opts.overwrite)
         return {"output": str(output), "library": lib_name, "deploy": str(note), "seconds": timer.times,
-                "param_bytes": 0, "kv_cache_bytes_per_sequence": kv_cache_bytes(cfg, context, dtype),
+                "peak_rss_mb": timer.peak_rss_mb, "param_bytes": 0,
+                "kv_cache_bytes_per_sequence": kv_cache_bytes(cfg, context, dtype),
                 "memory_usage": built.metadata["memory_usage"]}
 
     with atomic_output_dir(output, overwrite=opts.overwrite) as tmp:
-        built = build_library(opts, cfg, preset, target, dtype, context, prefill_chunk, prefix, timer, scheme,
-                              tuning, log)
-        params_meta = built.metadata["params"]
+        built = build()
         with timer("export_library"):
             built.executable.export_library(str(tmp / lib_name), **({"fcompile": fcompile} if fcompile else {}))
         with timer("weights"):
-            sd = model.state_dict()
-            if scheme is not None:  # in the library's parameter order (the tensor cache follows it)
-                quantized = library_tensors(sd, cfg, scheme)
-                mismatch = set(quantized) ^ {p["name"] for p in params_meta}
-                if mismatch:
-                    raise BlockFFNError(f"internal: tensors {sorted(mismatch)} differ between the quantized weights "
-                                        f"and the library's parameters")
-                tensors = {p["name"]: quantized[p["name"]] for p in params_meta}
-            else:
-                tensors = {p["name"]: to_numpy(to_library_layout(p["name"], sd[p["name"]]), dtype)
-                           for p in params_meta}
-            for p in params_meta:
-                if list(tensors[p["name"]].shape) != p["shape"]:
-                    raise BlockFFNError(f"internal: {p['name']} has shape {list(tensors[p['name']].shape)} but the "
-                                        f"library expects {p['shape']}")
-            cache = write_tensor_cache(tensors, tmp)
-            tokenizer_files = [f for f in TOKENIZER_FILES if (model_dir / f).exists()]
-            for f in tokenizer_files:
-                (tmp / f).write_bytes((model_dir / f).read_bytes())
+            cache = write_weights(model_dir, cfg, opts.quantization, tmp, source)
         draft_entry = None
         draft_src = draft_source(opts.draft, model_dir)
         if draft_src is not None:
@@ -364,16 +385,17 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
                     executable.export_library(str(out_dir / draft_lib), **({"fcompile": fcompile} if fcompile else {}))
                 return draft_lib, fns
 
-            draft_entry = build_draft(draft_src, model, target, preset.name, dtype, tmp / DRAFT_FOLDER,
-                                      build_draft_library, log, opts.max_batch_size, context)
-        chat = layout.chat_config(cfg, opts.quantization, context, prefill_chunk, opts.max_batch_size,
-                                  tokenizer_files)
-        (tmp / layout.CHAT_CONFIG).write_text(json.dumps(chat, indent=2) + "\n")
-        manifest = manifest_for(built.functions, built.pass_names, built.metadata, params_meta, draft_entry)
+            # the draft predicts over the target's LM-head rows, so the (small) draft-carrying model is loaded
+            draft_entry = build_draft(draft_src, load_model(model_dir, dtype="float32"), target, preset.name, dtype,
+                                      tmp / DRAFT_FOLDER, build_draft_library, log, opts.max_batch_size, context)
+        write_chat_config(cfg, opts.quantization, context, prefill_chunk, opts.max_batch_size, tmp)
+        manifest = layout.manifest_from_metadata(built.metadata, lib_name)
+        manifest.update(created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        source=cache["metadata"]["blockffn"]["source"], draft=draft_entry,
+                        compile_seconds=timer.times, peak_rss_mb=timer.peak_rss_mb)
         (tmp / layout.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "DEPLOY.md").write_text(deploy_text(preset, manifest))
-    param_bytes = sum(r["nbytes"] for r in param_records(cache))
-    report = {"output": str(output), "library": lib_name, "seconds": timer.times, "param_bytes": param_bytes,
-              "kv_cache_bytes_per_sequence": kv_cache_bytes(cfg, context, dtype),
-              "memory_usage": built.metadata["memory_usage"]}
-    return report
+    return {"output": str(output), "library": lib_name, "seconds": timer.times, "peak_rss_mb": timer.peak_rss_mb,
+            "param_bytes": sum(r["nbytes"] for r in param_records(cache)),
+            "kv_cache_bytes_per_sequence": kv_cache_bytes(cfg, context, dtype),
+            "memory_usage": built.metadata["memory_usage"]}

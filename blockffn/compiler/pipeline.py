@@ -74,6 +74,9 @@ def attach_metadata(metadata: dict) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="AttachMetadataWithMemoryUsage")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         metadata["memory_usage"] = memory_usage(mod)
+        metadata["functions"] = sorted(["_metadata"] + [gv.name_hint for gv, f in mod.functions.items()
+                                                        if isinstance(f, relax.Function) and f.attrs is not None
+                                                        and "global_symbol" in f.attrs])
         func = relax.Function([], tvm.ir.StringImm(json.dumps(metadata, sort_keys=True)), is_pure=True)
         mod["_metadata"] = func.with_attr("global_symbol", "_metadata")
         return mod

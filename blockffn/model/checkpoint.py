@@ -9,6 +9,7 @@ fails with one line naming the tensor.  Pickle is never used: ``pytorch_model.bi
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import os
@@ -326,11 +327,11 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = "float32") 
     return model.eval()
 
 
-def state_dict_for_save(model: BlockFFNForCausalLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def state_dict_for_save(model: BlockFFNForCausalLM) -> dict[str, torch.Tensor]:
     sd = model.state_dict()
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
-    return {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
+    return {k: v.detach() for k, v in sd.items()}
 
 
 def save_model(model: BlockFFNForCausalLM, folder: str | Path, dtype: str | torch.dtype = "bfloat16",
@@ -341,10 +342,10 @@ def save_model(model: BlockFFNForCausalLM, folder: str | Path, dtype: str | torc
     dt = resolve_dtype(dtype)
     cfg = model.config.replace(torch_dtype={torch.float32: "float32", torch.float16: "float16",
                                             torch.bfloat16: "bfloat16"}[dt])
-    tensors = state_dict_for_save(model, dt)
+    tensors = state_dict_for_save(model)
     with atomic_output_dir(folder, overwrite=overwrite) as tmp:
         cfg.save(tmp / "config.json")
-        write_safetensors(tensors, tmp, max_shard_bytes)
+        write_safetensors(tensors, tmp, max_shard_bytes, dtype=dt)
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, tmp)
         for name, text in (extra_files or {}).items():
@@ -352,26 +353,34 @@ def save_model(model: BlockFFNForCausalLM, folder: str | Path, dtype: str | torc
     return folder
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int | None) -> None:
+def write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int | None,
+                      dtype: torch.dtype | None = None) -> None:
+    """Write ``tensors`` (cast to ``dtype`` one shard at a time, so a model is never held twice) as
+    ``model.safetensors`` or as shards of at most ``max_shard_bytes`` plus their index."""
     meta = {"format": "pt"}
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    itemsize = {n: (torch.empty((), dtype=dtype) if dtype else t).element_size() for n, t in tensors.items()}
+    nbytes = {n: t.numel() * itemsize[n] for n, t in tensors.items()}
+    total = sum(nbytes.values())
+
+    def cast(names):
+        return {n: (tensors[n].to(dtype) if dtype else tensors[n]).contiguous() for n in names}
+
     if max_shard_bytes is None or total <= max_shard_bytes:
-        save_file(tensors, str(folder / "model.safetensors"), metadata=meta)
+        save_file(cast(tensors), str(folder / "model.safetensors"), metadata=meta)
         return
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shards: list[list[str]] = [[]]
     size = 0
     for name in sorted(tensors):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+        if shards[-1] and size + nbytes[name] > max_shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][name] = tensors[name]
-        size += nbytes
+        shards[-1].append(name)
+        size += nbytes[name]
     weight_map = {}
-    for i, shard in enumerate(shards):
+    for i, names in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / fname), metadata=meta)
-        weight_map.update({n: fname for n in shard})
+        save_file(cast(names), str(folder / fname), metadata=meta)
+        weight_map.update({n: fname for n in names})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
@@ -426,3 +435,51 @@ class atomic_output_dir:
             os.replace(self.tmp, self.target)
         os.chmod(self.target, 0o755)
         return False
+
+
+class files_into_dir:
+    """Context manager for commands that add their files to a folder other commands also fill (MLC's artifact
+    folder: ``convert-weight`` writes the weights, ``gen-config`` the chat config, ``compile`` the library).
+
+    Yields a temp folder beside ``target``; on success its files are moved in, those named ``last`` at the end
+    (an index is never visible before what it indexes).  Without ``overwrite`` nothing is written if any of the
+    new files, or any file matching ``owned`` (e.g. ``params_shard_*.bin``), is already there; with it, stale
+    ``owned`` files the new set does not contain are removed.  Files of other commands are never touched.
+    """
+
+    def __init__(self, target: str | Path, overwrite: bool = False, owned: tuple[str, ...] = (),
+                 last: tuple[str, ...] = ()):
+        self.target, self.overwrite, self.owned, self.last = Path(target), overwrite, owned, last
+
+    def _existing_owned(self) -> set[Path]:
+        return {p for pattern in self.owned for p in self.target.glob(pattern)} if self.target.is_dir() else set()
+
+    def __enter__(self) -> Path:
+        if self.target.exists() and not self.target.is_dir():
+            raise CheckpointError(f"{self.target}: exists and is not a folder")
+        if self._existing_owned() and not self.overwrite:
+            raise CheckpointError(f"{self.target}: already holds {sorted(p.name for p in self._existing_owned())[0]} "
+                                  f"(pass --overwrite to replace it)")
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is not None:
+                return False
+            new = sorted(p for p in self.tmp.iterdir())
+            clash = [p.name for p in new if (self.target / p.name).exists()  # the same bytes are no clash (tokenizer)
+                     and not filecmp.cmp(p, self.target / p.name, shallow=False)]
+            if clash and not self.overwrite:
+                raise CheckpointError(f"{self.target / clash[0]}: exists (pass --overwrite to replace it)")
+            self.target.mkdir(exist_ok=True)
+            stale = {p for p in self._existing_owned() if not (self.tmp / p.name).exists()}
+            for p in sorted(new, key=lambda p: p.name in self.last):
+                p.chmod(0o644)
+                os.replace(p, self.target / p.name)
+            for p in stale:
+                p.unlink()
+            return False
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)

@@ -61,7 +61,7 @@ def _router_eps(func: relax.Function) -> float:
     return v.eps
 
 
-def _kernels(family: str, E: int, De: int, d: int, dtype: str, chunk: int | None):
+def _kernels(family: str, E: int, De: int, d: int, dtype: str, chunk: int | None, max_lanes: int = 8):
     if family == "cpu":
         from blockffn.schedules import sparse_cpu as k
 
@@ -70,8 +70,8 @@ def _kernels(family: str, E: int, De: int, d: int, dtype: str, chunk: int | None
     if family == "gpu":
         from blockffn.schedules import sparse_gpu as k
 
-        return (k.union_kernel(E, dtype, chunk), k.up_kernel_gpu(E, De, d, dtype, chunk=chunk),
-                k.down_kernel_gpu(E, De, d, dtype, chunk=chunk))
+        return (k.union_kernel(E, dtype, chunk), k.up_kernel_gpu(E, De, d, dtype, chunk=chunk, max_lanes=max_lanes),
+                k.down_kernel_gpu(E, De, d, dtype, chunk=chunk, max_lanes=max_lanes))
     raise ValueError(f"no sparse kernels for target family {family!r}")
 
 
@@ -87,21 +87,29 @@ def _q4_kernels(family: str, E: int, De: int, d: int, dtype: str, chunk: int | N
 
 
 def _build_sparse_twin(bb: relax.BlockBuilder, name: str, dense: relax.Function, family: str,
-                       chunk: int | None) -> tvm.ir.GlobalVar:
+                       chunk: int | None, max_lanes: int = 8) -> tvm.ir.GlobalVar:
     x_ty, router_ty, _, up_ty = [p.ty for p in dense.params[:4]]
     E, d = (int(v) for v in router_ty.shape)
     quantized = len(dense.params) == 7
     De = int(up_ty.shape[1]) if quantized else int(up_ty.shape[0]) // E
-    dtype = x_ty.dtype
+    dtype = str(x_ty.dtype)
     eps = _router_eps(dense)
     # kernels are private (no global_symbol) so the same kernel added for several layers' twins is deduplicated
-    kernels = (_q4_kernels if quantized else _kernels)(family, E, De, d, dtype, chunk)
+    kernels = _q4_kernels(family, E, De, d, dtype, chunk) if quantized else _kernels(family, E, De, d, dtype, chunk,
+                                                                                        max_lanes)
     f_union, f_up, f_down = (f.without_attr("global_symbol") for f in kernels)
     kind = "_q4" if quantized else ""
     tag = "" if chunk is None else f"_c{chunk}"
     gv_union = bb.add_func(f_union, f"blockffn_union_e{E}{tag}")
     gv_up = bb.add_func(f_up, f"blockffn_sparse_up{kind}_e{E}_de{De}_d{d}_{dtype}{tag}")
     gv_down = bb.add_func(f_down, f"blockffn_sparse_down{kind}_e{E}_de{De}_d{d}_{dtype}{tag}")
+    splits = None  # GPU fp kernels: the down-projection is split-K partials plus a reduce that casts
+    if family == "gpu" and not quantized:
+        from blockffn.schedules import sparse_gpu
+
+        splits = sparse_gpu.down_splits(E, De, d, dtype, chunk, max_lanes=max_lanes)
+        gv_reduce = bb.add_func(sparse_gpu.reduce_kernel_gpu(d, dtype, splits).without_attr("global_symbol"),
+                                f"blockffn_sparse_reduce_s{splits}_d{d}_{dtype}")
     params = [relax.Var(p.name, p.ty) for p in dense.params]
     x, w_router, w_norm = params[:3]
     w_up, w_down = (params[3:5], params[5:7]) if quantized else ([params[3]], [params[4]])
@@ -118,9 +126,14 @@ def _build_sparse_twin(bb: relax.BlockBuilder, name: str, dense: relax.Function,
             idx, count = bb.emit(relax.TupleGetItem(union, 0)), bb.emit(relax.TupleGetItem(union, 1))
             h = bb.emit(relax.call_tir(gv_up, [x2, gate, *w_up, idx, count],
                                        relax.TensorType([n, E, De], "float32")))
-            y = bb.emit(relax.call_tir(gv_down, [h, *w_down, idx, count], relax.TensorType([n, d], "float32")))
-            if dtype != "float32":
-                y = bb.emit(relax.op.astype(y, dtype))
+            if splits is None:
+                y = bb.emit(relax.call_tir(gv_down, [h, *w_down, idx, count], relax.TensorType([n, d], "float32")))
+                if dtype != "float32":
+                    y = bb.emit(relax.op.astype(y, dtype))
+            else:
+                part = bb.emit(relax.call_tir(gv_down, [h, *w_down, idx, count],
+                                              relax.TensorType([splits, n, d], "float32")))
+                y = bb.emit(relax.call_tir(gv_reduce, [part], relax.TensorType([n, d], dtype)))
             out = bb.emit_output(relax.op.reshape(y, relax.ShapeExpr([b, s, d])))
         gv = bb.emit_func_output(out)
     return gv
@@ -146,11 +159,13 @@ class LowerBlockFFNSparse:
     """Redirect BlockFFN calls in ``functions`` to their sparse twins (kernels for ``family``: cpu or gpu).
 
     ``functions``: names (each call's union over all its tokens), or a dict name -> token chunk size (None: the
-    whole call; C: a union per C consecutive tokens, for prefill)."""
+    whole call; C: a union per C consecutive tokens, for prefill).  ``max_vector_lanes``: the widest vector type of
+    the GPU language (8; Metal: 4)."""
 
-    def __init__(self, functions, family: str = "cpu"):
+    def __init__(self, functions, family: str = "cpu", max_vector_lanes: int = 8):
         self.chunks = dict(functions) if isinstance(functions, dict) else dict.fromkeys(functions)
         self.family = family
+        self.max_lanes = max_vector_lanes
         self.rewritten: dict[str, int] = {}
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -160,7 +175,7 @@ class LowerBlockFFNSparse:
         if not dense or not targets:
             return mod
         bb = relax.BlockBuilder(mod)
-        mappings = {chunk: {gv: _build_sparse_twin(bb, gv.name_hint, f, self.family, chunk)
+        mappings = {chunk: {gv: _build_sparse_twin(bb, gv.name_hint, f, self.family, chunk, self.max_lanes)
                             for gv, f in dense.items()}
                     for chunk in sorted({self.chunks[gv.name_hint] for gv in targets}, key=lambda c: c or 0)}
         mod = bb.get()

@@ -182,12 +182,13 @@ class Engine(PagedModel):
     """The target model's library: embed, prefill, decode, batch calls, tree verification, sampling helpers."""
 
     def __init__(self, artifact_dir, device: str = "cpu", max_total_seq_len: int | None = None,
-                 page_size: int = 16, verify_md5: bool = True, ffn: str = "auto"):
+                 page_size: int = 16, verify_md5: bool = True, ffn: str = "auto", model_lib=None):
         """``ffn``: ``auto`` runs the functions as compiled (sparse where the artifact's policy made them sparse),
         except that prefill calls of a ``--ffn auto`` build run chunked-union or dense, whichever measured faster on
         this device (`blockffn.runtime.prefill_choice`); ``sparse`` always runs the sparse lowering; ``dense`` runs
-        the dense twins (same weights, every expert computed)."""
-        self.art: Artifact = open_artifact(artifact_dir, verify_md5=verify_md5)
+        the dense twins (same weights, every expert computed).  ``model_lib``: a library built alone
+        (``blockffn-compile -o NAME.so``) to run over this folder's weights instead of the manifest's."""
+        self.art: Artifact = open_artifact(artifact_dir, verify_md5=verify_md5, model_lib=model_lib)
         m = self.art.manifest
         if m["target"]["device"] != device:
             raise ArtifactError(f"{artifact_dir}: built for device {m['target']['device']}, not {device}")

@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from blockffn.artifacts.reader import open_artifact
-
-
-def library_metadata(library: Path) -> dict:
-    """Call the library's `_metadata()`; only possible for libraries this machine can load."""
-    import tvm
-    from tvm.runtime.vm import VirtualMachine
-
-    vm = VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
-    return json.loads(str(vm["_metadata"]()))
+from blockffn.artifacts.reader import library_metadata, open_artifact
 
 
 def describe(path: str | Path) -> dict:

@@ -41,11 +41,11 @@ def resolve_mode(mode: str, drafter) -> str:
 
 
 def open_generator(artifact, device: str = "cpu", draft=None, speculative: str = "auto", draft_len: int = 0,
-                   ffn: str = "auto", adaptive: bool = True):
+                   ffn: str = "auto", adaptive: bool = True, model_lib=None):
     from blockffn.runtime.engine import Engine
     from blockffn.runtime.generation import Generator, SpecConfig
 
-    engine = Engine(artifact, device=device, ffn=ffn)
+    engine = Engine(artifact, device=device, ffn=ffn, model_lib=model_lib)
     drafter = open_drafter(draft, engine, device) if speculative != "off" else None
     mode = resolve_mode(speculative, drafter)
     if mode != "off" and drafter is None:

@@ -4,13 +4,16 @@ Same contract as ``sparse_cpu`` (see its docstring; token chunks as in ``chunkin
 
 * ``union`` - block per chunk, thread per expert: flags in shared memory, each active expert's slot is the count
   of active experts before it (no serial E×T scan by one thread: that alone cost more than a small layer's GEMVs).
-* ``up``    - block = (expert slot j, 8 rows of the expert); slots ≥ count exit at once.  128 threads stride over
-  the hidden size (coalesced, each weight element read once per token), keep 8 partial dot products in registers
-  and sum them with a shared-memory tree; SiLU and the token's gate are applied by the first threads.
-* ``down``  - block = (32 output features, token); 8 thread rows split the (active slot, expert row) pairs, each
-  row of 32 threads reading 128-byte weight segments, then a shared-memory sum over the 8 partials.
+* ``up``    - block = (expert slot j, 8 rows of the expert, chunk); a warp per expert row reads it with 16-byte
+  vector loads (a warp covers 512 contiguous bytes per step), keeps one partial dot product per token of a
+  4-token tile and sums them with TVM's cross-thread allreduce (warp shuffles on CUDA); slots ≥ count exit at once.
+* ``down``  - split-K GEMV over the active (slot, expert row) pairs.  Block = (a 32·VEC-column tile, a K split,
+  chunk); the chunk's ``count·De`` pairs are divided evenly over the K splits at run time, so every SM has work
+  whatever the union size; the 8 warps of a block take interleaved rows, each lane loading VEC contiguous columns
+  (16 bytes) of an expert row and accumulating a 4-token tile; warps are summed in shared memory and each K split
+  writes its partial sums.  ``reduce`` adds the K splits and casts to the model dtype.
 
-Shared memory (not warp shuffles) keeps one kernel text valid for CUDA, Metal and OpenCL.
+Shared memory and TVM's allreduce (not hand-written shuffles) keep one kernel text valid for CUDA, Metal and OpenCL.
 """
 
 from __future__ import annotations
@@ -76,13 +79,29 @@ def _divisor(n: int, at_most: int) -> int:
     return next(v for v in range(min(n, at_most), 0, -1) if n % v == 0)
 
 
-def up_kernel_gpu(E: int, De: int, d: int, dtype: str, threads: int = 128, rows: int = 8, chunk: int | None = None):
-    """Block (slot j, chunk of ``rows`` expert rows); its threads stride over d (coalesced weight reads), each
-    keeping ``rows`` partial dot products, summed by TVM's cross-thread allreduce (warp shuffles on CUDA/Metal,
-    shared memory on OpenCL).  Slots past ``count`` exit at once."""
-    NT = next(v for v in (threads, 64, 32, 16, 8, 4, 2, 1) if d % v == 0)  # threads stride d exactly
-    RB = _divisor(De, rows)
+VECTOR_BYTES = 16  # one 128-bit load per lane
+WARP = 32
+TOKEN_TILE = 4  # tokens accumulated per pass over a weight row (registers: TOKEN_TILE x VEC floats per lane)
+
+
+def vector_width(d: int, dtype: str, max_lanes: int = 8) -> int:
+    """Elements per 16-byte load that tile ``d`` exactly across a warp (falls back to narrower loads);
+    ``max_lanes``: the widest vector type of the target language (Metal has no 8-lane types)."""
+    widest = min(max_lanes, VECTOR_BYTES // {"float16": 2, "bfloat16": 2, "float32": 4}[str(dtype)])
+    return next((v for v in (widest, 4, 2) if v <= widest and d % (WARP * v) == 0), 1)
+
+
+def up_kernel_gpu(E: int, De: int, d: int, dtype: str, warps: int = 8, chunk: int | None = None,
+                  max_lanes: int = 8):
+    """Block (slot j, ``warps`` expert rows, chunk); a warp per row, each lane loading VEC contiguous elements per
+    step; per 4-token tile one dot product per token, summed across the warp by TVM's allreduce.  Slots past
+    ``count`` exit at once.  ``h[t, j, r] = SiLU(x_t · up[idx[j]·De + r]) · gate[t, idx[j]]`` (fp32)."""
     ch = Chunking(chunk)
+    VEC = vector_width(d, dtype, max_lanes)
+    LANES = WARP if d % WARP == 0 else 1
+    STEPS = d // (LANES * VEC)
+    W = _divisor(De, warps)
+    TT = TOKEN_TILE
 
     @T.prim_func(s_tir=True)
     def blockffn_sparse_up_gpu(x_h: T.handle, gate_h: T.handle, up_h: T.handle, idx_h: T.handle, cnt_h: T.handle,
@@ -95,82 +114,150 @@ def up_kernel_gpu(E: int, De: int, d: int, dtype: str, threads: int = 128, rows:
         idx = T.match_buffer(idx_h, (ch.count(n_tok), E), "int32")
         cnt = T.match_buffer(cnt_h, (ch.count(n_tok),), "int32")
         h = T.match_buffer(h_h, (n_tok, E, De), "float32")
-        for j in T.thread_binding(E, thread="blockIdx.x"):
-            for c in T.thread_binding(De // RB, thread="blockIdx.y"):
-                for tx in T.thread_binding(NT, thread="threadIdx.x"):
-                    with T.sblock("up"):
-                        acc = T.sblock_alloc_buffer((RB,), "float32", scope="local")
-                        tot = T.sblock_alloc_buffer((RB,), "float32", scope="local")
-                        xv = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                        one = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                        sum1 = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                        for t in range(n_tok):
-                            if j < cnt[ch.of(t)]:
-                                for r in T.unroll(RB):
-                                    acc[r] = T.float32(0)
-                                for i0 in range(d // NT):
-                                    xv[0] = T.Cast("float32", x[t, i0 * NT + tx])
-                                    for r in T.unroll(RB):
-                                        acc[r] = acc[r] + xv[0] * T.Cast(
-                                            "float32", up[idx[ch.of(t), j] * De + c * RB + r, i0 * NT + tx])
-                                for r in range(RB):  # allreduce operands must be scalars (index 0)
-                                    one[0] = acc[r]
-                                    with T.sblock("row_sum"):
-                                        T.reads(one[0])
-                                        T.writes(sum1[0])
-                                        T.attr(T.comm_reducer(lambda a, b: a + b, [T.float32(0)]), "reduce_scope",
-                                               T.int32(0))
-                                        T.tvm_thread_allreduce(T.uint32(1), one[0], True, sum1[0], tx, dtype="void")
-                                    tot[r] = sum1[0]
-                                if tx == 0:
-                                    for r in range(RB):
-                                        h[t, j, c * RB + r] = tot[r] / (T.float32(1) + T.exp(T.float32(0) - tot[r])) * (
-                                            T.Cast("float32", gate[t, idx[ch.of(t), j]]))
+        for b in T.thread_binding(ch.count(n_tok), thread="blockIdx.z"):
+            for j in T.thread_binding(E, thread="blockIdx.x"):
+                for c in T.thread_binding(De // W, thread="blockIdx.y"):
+                    for w in T.thread_binding(W, thread="threadIdx.y"):
+                        for lane in T.thread_binding(LANES, thread="threadIdx.x"):
+                            with T.sblock("up"):
+                                wv = T.sblock_alloc_buffer((VEC,), dtype, scope="local")
+                                acc = T.sblock_alloc_buffer((TT,), "float32", scope="local")
+                                one = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                sum1 = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                tot = T.sblock_alloc_buffer((TT,), "float32", scope="local")
+                                if j < cnt[b]:
+                                    for tt in range((ch.tokens(b, n_tok) + TT - 1) // TT):
+                                        for u in T.unroll(TT):
+                                            acc[u] = T.float32(0)
+                                        for i in range(STEPS):
+                                            for v in T.vectorized(VEC):
+                                                wv[v] = up[idx[b, j] * De + c * W + w, (i * LANES + lane) * VEC + v]
+                                            for u in T.unroll(TT):
+                                                if tt * TT + u < ch.tokens(b, n_tok):
+                                                    for v in T.unroll(VEC):
+                                                        acc[u] = acc[u] + T.Cast("float32", wv[v]) * T.Cast(
+                                                            "float32", x[ch.start(b) + tt * TT + u,
+                                                                         (i * LANES + lane) * VEC + v])
+                                        for u in range(TT):  # allreduce operands must be scalars (index 0)
+                                            one[0] = acc[u]
+                                            with T.sblock("row_sum"):
+                                                T.reads(one[0])
+                                                T.writes(sum1[0])
+                                                T.attr(T.comm_reducer(lambda a, b: a + b, [T.float32(0)]),
+                                                       "reduce_scope", T.int32(0))
+                                                T.tvm_thread_allreduce(T.uint32(1), one[0], True, sum1[0], lane,
+                                                                       dtype="void")
+                                            tot[u] = sum1[0]
+                                        if lane == 0:
+                                            for u in range(TT):
+                                                if tt * TT + u < ch.tokens(b, n_tok):
+                                                    h[ch.start(b) + tt * TT + u, j, c * W + w] = tot[u] / (
+                                                        T.float32(1) + T.exp(T.float32(0) - tot[u])) * T.Cast(
+                                                        "float32", gate[ch.start(b) + tt * TT + u, idx[b, j]])
 
     return blockffn_sparse_up_gpu
 
 
-def down_kernel_gpu(E: int, De: int, d: int, dtype: str, lanes: int = 32, slices: int = 8,
-                    chunk: int | None = None):
-    """Block (``lanes`` output features, token t); ``slices`` thread rows split the (active slot, expert row)
-    pairs, each accumulating coalesced weight-row reads, then a shared-memory sum over the slices.  Pairs past
-    ``count * De`` are skipped."""
-    OB = _divisor(d, lanes)
-    KS = slices
-    steps = KS.bit_length() - 1
-    pairs = (E * De + KS - 1) // KS
+def down_splits(E: int, De: int, d: int, dtype: str, chunk: int | None, warps: int = 8,
+                target_blocks: int = 512, max_lanes: int = 8) -> int:
+    """K splits of the down-projection: enough blocks to fill a large GPU for a single token (decode) whatever the
+    union size, never fewer than 8 rows per warp of a full union; prefill chunks already give parallelism."""
+    tiles = d // (WARP * vector_width(d, dtype, max_lanes)) if d % WARP == 0 else d
+    if chunk is not None:
+        return 4
+    return max(1, min(target_blocks // max(tiles, 1), (E * De) // (warps * 8)))
+
+
+def down_kernel_gpu(E: int, De: int, d: int, dtype: str, warps: int = 8, chunk: int | None = None,
+                    max_lanes: int = 8):
+    """Split-K partial sums of the gathered down-projection: ``part[k, t, :] = Σ h[t, slot, r] ·
+    down[idx[slot]·De + r, :]`` over the k-th share of the chunk's ``count·De`` (slot, row) pairs."""
     ch = Chunking(chunk)
+    VEC = vector_width(d, dtype, max_lanes)
+    LANES = WARP if d % WARP == 0 else 1
+    COLS = LANES * VEC
+    W = warps
+    TT = TOKEN_TILE
+    KS = down_splits(E, De, d, dtype, chunk, warps, max_lanes=max_lanes)
 
     @T.prim_func(s_tir=True)
     def blockffn_sparse_down_gpu(h_h: T.handle, down_h: T.handle, idx_h: T.handle, cnt_h: T.handle,
-                                 y_h: T.handle):
+                                 part_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         n_tok = T.int64()
         h = T.match_buffer(h_h, (n_tok, E, De), "float32")
         down = T.match_buffer(down_h, (E * De, d), dtype)
         idx = T.match_buffer(idx_h, (ch.count(n_tok), E), "int32")
         cnt = T.match_buffer(cnt_h, (ch.count(n_tok),), "int32")
-        y = T.match_buffer(y_h, (n_tok, d), "float32")
-        for ob in T.thread_binding(d // OB, thread="blockIdx.x"):
-            for t in T.thread_binding(n_tok, thread="blockIdx.y"):
-                for ks in T.thread_binding(KS, thread="threadIdx.y"):
-                    for o in T.thread_binding(OB, thread="threadIdx.x"):
-                        with T.sblock("down"):
-                            red = T.sblock_alloc_buffer((KS, OB), "float32", scope="shared")
-                            acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                            acc[0] = T.float32(0)
-                            for p0 in range(pairs):
-                                if p0 * KS + ks < cnt[ch.of(t)] * De:
-                                    acc[0] = acc[0] + h[t, (p0 * KS + ks) // De, (p0 * KS + ks) % De] * T.Cast(
-                                        "float32", down[idx[ch.of(t), (p0 * KS + ks) // De] * De + (p0 * KS + ks) % De,
-                                                        ob * OB + o])
-                            red[ks, o] = acc[0]
-                            T.tvm_storage_sync("shared")
-                            for step in T.unroll(steps):
-                                if ks < T.shift_right(KS, step + 1):
-                                    red[ks, o] = red[ks, o] + red[ks + T.shift_right(KS, step + 1), o]
-                                T.tvm_storage_sync("shared")
-                            if ks == 0:
-                                y[t, ob * OB + o] = red[0, o]
+        part = T.match_buffer(part_h, (KS, n_tok, d), "float32")
+        for b in T.thread_binding(ch.count(n_tok), thread="blockIdx.z"):
+            for ks in T.thread_binding(KS, thread="blockIdx.y"):
+                for ct in T.thread_binding(d // COLS, thread="blockIdx.x"):
+                    for w in T.thread_binding(W, thread="threadIdx.y"):
+                        for lane in T.thread_binding(LANES, thread="threadIdx.x"):
+                            with T.sblock("down"):
+                                red = T.sblock_alloc_buffer((W, TT, COLS), "float32", scope="shared")
+                                wv = T.sblock_alloc_buffer((VEC,), dtype, scope="local")
+                                acc = T.sblock_alloc_buffer((TT, VEC), "float32", scope="local")
+                                hv = T.sblock_alloc_buffer((TT,), "float32", scope="local")
+                                rng = T.sblock_alloc_buffer((2,), "int32", scope="local")
+                                # this split's share [lo, hi) of the chunk's active (slot, row) pairs
+                                rng[0] = (cnt[b] * De + KS - 1) // KS
+                                rng[1] = T.min(cnt[b] * De, (ks + 1) * rng[0])
+                                rng[0] = ks * rng[0]
+                                for tt in range((ch.tokens(b, n_tok) + TT - 1) // TT):
+                                    for u in T.unroll(TT):
+                                        for v in T.unroll(VEC):
+                                            acc[u, v] = T.float32(0)
+                                    for i in range((rng[1] - rng[0] + W - 1) // W):
+                                        if rng[0] + i * W + w < rng[1]:
+                                            for v in T.vectorized(VEC):
+                                                wv[v] = down[idx[b, (rng[0] + i * W + w) // De] * De
+                                                             + (rng[0] + i * W + w) % De, ct * COLS + lane * VEC + v]
+                                            for u in T.unroll(TT):
+                                                hv[u] = T.float32(0)
+                                                if tt * TT + u < ch.tokens(b, n_tok):
+                                                    hv[u] = h[ch.start(b) + tt * TT + u, (rng[0] + i * W + w) // De,
+                                                              (rng[0] + i * W + w) % De]
+                                            for u in T.unroll(TT):
+                                                for v in T.unroll(VEC):
+                                                    acc[u, v] = acc[u, v] + hv[u] * T.Cast("float32", wv[v])
+                                    for u in T.unroll(TT):
+                                        for v in T.unroll(VEC):
+                                            red[w, u, lane * VEC + v] = acc[u, v]
+                                    T.tvm_storage_sync("shared")
+                                    # warps sum the W partials, each warp a share of the tile's TT x COLS outputs
+                                    for q in range((TT * COLS + W * LANES - 1) // (W * LANES)):
+                                        if (q * W + w) * LANES + lane < TT * COLS:
+                                            if tt * TT + ((q * W + w) * LANES + lane) // COLS < ch.tokens(b, n_tok):
+                                                hv[0] = T.float32(0)
+                                                for k in range(W):
+                                                    hv[0] = hv[0] + red[k, ((q * W + w) * LANES + lane) // COLS,
+                                                                         ((q * W + w) * LANES + lane) % COLS]
+                                                part[ks, ch.start(b) + tt * TT + ((q * W + w) * LANES + lane) // COLS,
+                                                     ct * COLS + ((q * W + w) * LANES + lane) % COLS] = hv[0]
+                                    T.tvm_storage_sync("shared")
 
     return blockffn_sparse_down_gpu
+
+
+def reduce_kernel_gpu(d: int, out_dtype: str, splits: int, threads: int = 256):
+    """``y[t, c] = Σ_k part[k, t, c]``, cast to ``out_dtype`` (the model dtype: no separate cast kernel)."""
+    NT = _divisor(d, threads)
+
+    @T.prim_func(s_tir=True)
+    def blockffn_sparse_reduce_gpu(part_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        n_tok = T.int64()
+        part = T.match_buffer(part_h, (splits, n_tok, d), "float32")
+        y = T.match_buffer(y_h, (n_tok, d), out_dtype)
+        for bx in T.thread_binding(n_tok * (d // NT), thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                with T.sblock("reduce"):
+                    s = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    s[0] = T.float32(0)
+                    for k in range(splits):
+                        s[0] = s[0] + part[k, bx // (d // NT), (bx % (d // NT)) * NT + tx]
+                    y[bx // (d // NT), (bx % (d // NT)) * NT + tx] = T.Cast(out_dtype, s[0])
+
+    return blockffn_sparse_reduce_gpu
