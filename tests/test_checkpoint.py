@@ -172,3 +172,23 @@ def test_fused_qkv_of_the_3b_loader_is_split(tmp_path):
     loaded = load_model(tmp_path / "m")
     for name, t in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], t), name
+
+
+@pytest.mark.parametrize("fraction", [0.125, 0.25, 0.5])
+def test_init_force_active_routes_exactly_that_fraction(tmp_path, fraction):
+    """The benchmark construction: every token of every layer activates exactly round(F·E) experts (the same ones),
+    measured through the PyTorch model's own router on random tokens."""
+    r = cli("init", "--preset", "tiny-gqa", "--layers", 3, "--force-active", fraction, "--dtype", "float32",
+            "--output", tmp_path / "m")
+    assert r.returncode == 0, r.stderr
+    model = load_model(tmp_path / "m")
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(ids)
+    E = model.config.num_experts
+    for a0 in out.router_logits:
+        active = a0 > 0
+        assert (active.sum(-1) == round(fraction * E)).all()
+        assert (active == active[:1, :1]).all()  # the same experts for every token
+    r = cli("init", "--preset", "tiny", "--force-active", 0, "--output", tmp_path / "bad")
+    assert r.returncode != 0 and "--force-active" in r.stderr and not (tmp_path / "bad").exists()

@@ -17,7 +17,7 @@ import pytest
 from blockffn import default_model_path
 from blockffn.artifacts.weights import to_numpy
 from blockffn.compiler.quantization import library_tensors, scheme_for
-from blockffn.compiler.relax_model import to_library_layout
+from blockffn.artifacts.layout import to_library_layout
 from blockffn.model import BlockFFNForCausalLM, load_model, preset_config, save_model
 
 PROMPT = "The President said that"

@@ -14,6 +14,9 @@ LIBRARY_MANIFEST_KEY = "blockffn"  # `_metadata` key holding the library's half 
 # model_config keys of mlc-chat-config.json that are MLC's, not the checkpoint's
 CHAT_ONLY_MODEL_KEYS = ("context_window_size", "prefill_chunk_size", "tensor_parallel_shards", "max_batch_size")
 
+# The unquantized weight layout of a library (the q4 one is blockffn.compiler.quantization.Q4_EXPERT_LAYOUT).
+DOWN_PROJ_TRANSPOSED = "model.layers.*.mlp.down_proj: HF [d, E*De] stored transposed as [E*De, d]"
+
 # --dtype name -> model (compute) dtype; q4* are group-quantized (blockffn.compiler.quantization)
 QUANTIZATIONS = {"q0f32": "float32", "q0f16": "float16", "q0bf16": "bfloat16", "q4f16_1": "float16",
                  "q4f32_1": "float32"}
@@ -104,3 +107,11 @@ def manifest_from_metadata(metadata: dict, library: str) -> dict:
                     memory_usage=metadata["memory_usage"])
     manifest.setdefault("draft", None)
     return manifest
+
+
+def to_library_layout(name: str, tensor):
+    """The compile-time layout of one HF tensor (torch) in an unquantized library: each expert's rows of the
+    down-projection contiguous, like the up-projection's."""
+    if name.endswith("mlp.down_proj"):
+        return tensor.t().contiguous()
+    return tensor

@@ -48,13 +48,22 @@ def data_prepare(inputs, output, vocab_size, val_fraction, doc_split, tokenizer_
 @click.option("--seed", default=0, show_default=True)
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(path_type=Path), default=None,
               help="Copy tokenizer files from this folder.")
+@click.option("--force-active", type=float, default=None,
+              help="Benchmarks only: route exactly this fraction of the experts for every token in every layer "
+                   "(e.g. 0.25; see blockffn/model/forced_routing.py). Never the default.")
 @click.option("--overwrite", is_flag=True)
-def init_cmd(preset, output, layers, vocab_size, dtype, shard_size_mb, seed, tokenizer_dir, overwrite) -> None:
+def init_cmd(preset, output, layers, vocab_size, dtype, shard_size_mb, seed, tokenizer_dir, force_active,
+             overwrite) -> None:
     """Create a random-initialised model of an official shape, in the official HF checkpoint format."""
     from blockffn.model import BlockFFNForCausalLM, preset_config, save_model
+    from blockffn.model.forced_routing import force_active as force
 
     cfg = preset_config(preset, num_hidden_layers=layers, vocab_size=vocab_size)
     model = BlockFFNForCausalLM(cfg).init_weights(seed)
+    if force_active is not None:
+        chosen = force(model, force_active)
+        click.echo(f"forced routing: experts {chosen[:8]}{'...' if len(chosen) > 8 else ''} "
+                   f"({len(chosen)}/{cfg.num_experts}) active for every token")
     shard = shard_size_mb * 2**20 if shard_size_mb else None
     save_model(model, output, dtype, shard, tokenizer_dir, overwrite=overwrite)
     click.echo(f"wrote {output}: {preset} preset, {cfg.num_hidden_layers} layers, "

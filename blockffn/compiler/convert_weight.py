@@ -30,10 +30,9 @@ ROWS_PER_BLOCK = 8192  # rows converted at a time: bounds the fp32 temporaries o
 def weight_layout(quantization: str) -> dict:
     """The layout record both the library and the weights carry (the runtime compares them)."""
     from blockffn.compiler.quantization import Q4_EXPERT_LAYOUT, scheme_for
-    from blockffn.compiler.relax_model import DOWN_PROJ_TRANSPOSED
 
     return {"names": "official HF names",
-            "transforms": [Q4_EXPERT_LAYOUT if scheme_for(quantization) is not None else DOWN_PROJ_TRANSPOSED]}
+            "transforms": [Q4_EXPERT_LAYOUT if scheme_for(quantization) is not None else layout.DOWN_PROJ_TRANSPOSED]}
 
 
 def library_params(cfg: BlockFFNConfig, quantization: str) -> list[dict]:
@@ -60,11 +59,10 @@ def library_tensors_of(name: str, tensor, cfg: BlockFFNConfig, quantization: str
     """One checkpoint tensor -> its library tensors (q4: ``q_weight``/``q_scale``; else the cast, transposed
     down-projection), converted in blocks of rows so a large embedding never has several fp32 copies alive."""
     from blockffn.compiler.quantization import library_tensors, scheme_for
-    from blockffn.compiler.relax_model import to_library_layout
 
     scheme = scheme_for(quantization)
     if scheme is None:
-        return {name: to_numpy(to_library_layout(name, tensor), layout.storage_dtype(quantization))}
+        return {name: to_numpy(layout.to_library_layout(name, tensor), layout.storage_dtype(quantization))}
     if tensor.ndim != 2 or tensor.shape[0] <= ROWS_PER_BLOCK or name.endswith(("mlp.up_proj", "mlp.down_proj")):
         return library_tensors({name: tensor}, cfg, scheme)
     parts = [library_tensors({name: tensor[i:i + ROWS_PER_BLOCK]}, cfg, scheme)

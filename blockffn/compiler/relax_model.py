@@ -21,19 +21,12 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 
 from blockffn.compiler.quantization import GroupQuant
 from blockffn.compiler.relax_quant import QEmbedding, QExperts, QLinear, down_index, q4_matmul, up_index
+from blockffn.artifacts.layout import DOWN_PROJ_TRANSPOSED, to_library_layout  # noqa: F401 - re-exported
 from blockffn.model.config import BlockFFNConfig
 
 BLOCKFFN_SUBROUTINE = "BlockFFN"  # prefix of the Relax functions that hold one BlockFFN layer
 # Compile-time weight layout transform, recorded in the artifact manifest: HF `mlp.down_proj` [d, E*De] is stored
 # transposed as [E*De, d] (expert-major slabs, like `mlp.up_proj`).
-DOWN_PROJ_TRANSPOSED = "model.layers.*.mlp.down_proj: HF [d, E*De] stored transposed as [E*De, d]"
-
-
-def to_library_layout(name: str, tensor):
-    """Apply the compile-time layout transform to one HF tensor (torch)."""
-    if name.endswith("mlp.down_proj"):
-        return tensor.t().contiguous()
-    return tensor
 
 
 def cache_layout(cfg: BlockFFNConfig) -> dict:

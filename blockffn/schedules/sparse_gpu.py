@@ -129,7 +129,7 @@ def up_kernel_gpu(E: int, De: int, d: int, dtype: str, warps: int = 8, chunk: in
                                     for tt in range((ch.tokens(b, n_tok) + TT - 1) // TT):
                                         for u in T.unroll(TT):
                                             acc[u] = T.float32(0)
-                                        for i in range(STEPS):
+                                        for i in T.unroll(STEPS):  # independent 16-byte loads in flight
                                             for v in T.vectorized(VEC):
                                                 wv[v] = up[idx[b, j] * De + c * W + w, (i * LANES + lane) * VEC + v]
                                             for u in T.unroll(TT):
