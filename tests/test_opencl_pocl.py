@@ -115,3 +115,49 @@ def test_sparse_ffn_kernels_on_opencl_match_numpy(ffn_on_device, T, pattern):
     scale = np.abs(ref).max()
     assert np.abs(sparse - ref).max() / scale <= 1e-5
     assert np.abs(dense - ref).max() / scale <= 1e-5
+
+
+@pytest.fixture(scope="module", params=[None, 4], ids=["call-union", "chunk4"])
+def q4_ffn_on_device(request, device):
+    """One q4f32_1 BlockFFN layer lowered with the GPU q4 kernels (warp-per-row up, split-K down + reduce)."""
+    from blockffn.compiler.quantization import SCHEMES
+
+    _, ctx, queue = device
+    scheme = SCHEMES["q4f32_1"]
+    target = get_target("android").tvm_target()
+    cfg = small_config()
+    mod, _ = SingleBlockFFN(cfg, scheme.dtype, scheme).export()
+    mod = LowerBlockFFNSparse({"sparse": request.param}, family="gpu")(mod)
+    pipeline, _ = build_pipeline(target, {}, {"n": 64}, schedule_passes=schedule_passes(target), through="schedule")
+    with target:
+        scheduled = pipeline(mod)
+    return cfg, scheme, PoCLInterpreter(scheduled, target, ctx, queue)
+
+
+@pytest.mark.parametrize("T,pattern", [(1, "sparse"), (5, "half"), (17, "all"), (3, "none")])
+def test_q4_sparse_kernels_on_opencl_match_dequantized_numpy(q4_ffn_on_device, T, pattern):
+    from blockffn.compiler.quantization import dequantize, quantize
+    from tests.test_q4_lowering import numpy_ffn
+
+    cfg, scheme, run = q4_ffn_on_device
+    E, De, d = cfg.num_experts, cfg.expert_size, cfg.hidden_size
+    rng = np.random.default_rng(T * 7 + len(pattern))
+    active = {"none": np.zeros((T, E), bool), "all": np.ones((T, E), bool),
+              "half": rng.random((T, E)) < 0.5}.get(pattern)
+    if active is None:
+        active = np.zeros((T, E), bool)
+        active[:, rng.choice(E, 3, replace=False)] = True
+    x, (w_r, w_n, _, _) = _layer_inputs(cfg, T, active, rng)
+    up_q, up_s = quantize(rng.standard_normal((E, De, d)) * 0.05, scheme)
+    down_q, down_s = quantize(rng.standard_normal((E, d, De)) * 0.05, scheme)
+    launched = len(run.launched)
+    sparse = run("sparse", x[None], (w_r, w_n, up_q, up_s, down_q, down_s))[0]
+    assert any(k.startswith("blockffn_sparse_down_q4") for k in run.launched[launched:])
+    up = dequantize(up_q, up_s).astype(np.float64).reshape(E * De, d)
+    down = dequantize(down_q, down_s).astype(np.float64).transpose(1, 0, 2).reshape(d, E * De)
+    ref = numpy_ffn(x.astype(np.float64), w_r.astype(np.float64), w_n.astype(np.float64), up, down, E, De,
+                    cfg.rms_norm_eps)
+    if not active.any():
+        assert not sparse.any()
+        return
+    assert np.abs(sparse - ref).max() / np.abs(ref).max() <= 1e-5

@@ -103,11 +103,12 @@ def _build_sparse_twin(bb: relax.BlockBuilder, name: str, dense: relax.Function,
     gv_union = bb.add_func(f_union, f"blockffn_union_e{E}{tag}")
     gv_up = bb.add_func(f_up, f"blockffn_sparse_up{kind}_e{E}_de{De}_d{d}_{dtype}{tag}")
     gv_down = bb.add_func(f_down, f"blockffn_sparse_down{kind}_e{E}_de{De}_d{d}_{dtype}{tag}")
-    splits = None  # GPU fp kernels: the down-projection is split-K partials plus a reduce that casts
-    if family == "gpu" and not quantized:
-        from blockffn.schedules import sparse_gpu
+    splits = None  # GPU kernels: the down-projection is split-K partials plus a reduce that casts
+    if family == "gpu":
+        from blockffn.schedules import sparse_gpu, sparse_q4
 
-        splits = sparse_gpu.down_splits(E, De, d, dtype, chunk, max_lanes=max_lanes)
+        splits = (sparse_q4.down_splits_gpu(E, d, chunk) if quantized
+                  else sparse_gpu.down_splits(E, De, d, dtype, chunk, max_lanes=max_lanes))
         gv_reduce = bb.add_func(sparse_gpu.reduce_kernel_gpu(d, dtype, splits).without_attr("global_symbol"),
                                 f"blockffn_sparse_reduce_s{splits}_d{d}_{dtype}")
     params = [relax.Var(p.name, p.ty) for p in dense.params]

@@ -10,7 +10,9 @@ value ``(nibble − 7)·scale``, nibble ``j`` of a word at bits ``4·(j % 8)``. 
 CPU: one uint32 word decodes into an 8-lane vector (a per-lane shift), so the up kernel dequantizes one expert
 row into a thread-local fp32 row and reuses it for every token of the call; the down kernel decodes one
 ``De``-long row per (output feature, active expert) and dots it with each token's hidden slice.
-GPU: correctness-first, the layout of ``sparse_gpu`` (``blockIdx`` = slot / output block, ``threadIdx`` = row).
+GPU: up — a warp per expert row, each lane loading 16 bytes (one scale group) per step, warp-summed; down —
+split-K partial sums over the active slots (a thread per output feature decoding its expert row with 16-byte
+loads), added and cast by ``sparse_gpu.reduce_kernel_gpu``.
 """
 
 from __future__ import annotations
@@ -127,8 +129,25 @@ def down_kernel_cpu(E: int, De: int, d: int, dtype: str, chunk: int | None = Non
     return blockffn_sparse_down_q4
 
 
-def up_kernel_gpu(E: int, De: int, d: int, dtype: str, chunk: int | None = None):
+TOKEN_TILE = 4
+WARP = 32
+
+
+def _words_per_load(words: int) -> int:
+    """uint32 words per lane load: 4 (16 bytes) when they tile the row across a warp, else narrower."""
+    return next((v for v in (4, 2) if words % (WARP * v) == 0), 1)
+
+
+def up_kernel_gpu(E: int, De: int, d: int, dtype: str, chunk: int | None = None, warps: int = 8):
+    """Block (slot j, ``warps`` expert rows, chunk); a warp per row, each lane loading 4 words (32 weights, one
+    scale group) per step; a 4-token tile of dot products summed across the warp by TVM's allreduce."""
     ch = Chunking(chunk)
+    WORDS = d // PER_WORD
+    LANES = WARP if WORDS % WARP == 0 else 1
+    VW = _words_per_load(WORDS) if LANES == WARP else 1
+    STEPS = WORDS // (LANES * VW)
+    W = next(v for v in range(min(De, warps), 0, -1) if De % v == 0)
+    TT = TOKEN_TILE
 
     @T.prim_func(s_tir=True)
     def blockffn_sparse_up_q4_gpu(x_h: T.handle, gate_h: T.handle, q_h: T.handle, s_h: T.handle,
@@ -137,55 +156,119 @@ def up_kernel_gpu(E: int, De: int, d: int, dtype: str, chunk: int | None = None)
         n_tok = T.int64()
         x = T.match_buffer(x_h, (n_tok, d), dtype)
         gate = T.match_buffer(gate_h, (n_tok, E), dtype)
-        q = T.match_buffer(q_h, (E, De, d // PER_WORD), "uint32")
+        q = T.match_buffer(q_h, (E, De, WORDS), "uint32")
         sc = T.match_buffer(s_h, (E, De, d // GROUP_SIZE), dtype)
         idx = T.match_buffer(idx_h, (ch.count(n_tok), E), "int32")
         cnt = T.match_buffer(cnt_h, (ch.count(n_tok),), "int32")
         h = T.match_buffer(h_h, (n_tok, E, De), "float32")
-        for j in T.thread_binding(E, thread="blockIdx.x"):
-            for k in T.thread_binding(De, thread="threadIdx.x"):
-                with T.sblock("up"):
-                    acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                    for t in range(n_tok):
-                        if j < cnt[ch.of(t)]:
-                            acc[0] = T.float32(0)
-                            for w in range(d // PER_WORD):
-                                for v in T.unroll(PER_WORD):
-                                    acc[0] = acc[0] + T.Cast("float32", x[t, w * PER_WORD + v]) * _decode(
-                                        q[idx[ch.of(t), j], k, w], v, sc[idx[ch.of(t), j], k, w // WPG])
-                            h[t, j, k] = _silu_gate(acc[0], gate[t, idx[ch.of(t), j]])
+        for b in T.thread_binding(ch.count(n_tok), thread="blockIdx.z"):
+            for j in T.thread_binding(E, thread="blockIdx.x"):
+                for c in T.thread_binding(De // W, thread="blockIdx.y"):
+                    for w in T.thread_binding(W, thread="threadIdx.y"):
+                        for lane in T.thread_binding(LANES, thread="threadIdx.x"):
+                            with T.sblock("up"):
+                                wq = T.sblock_alloc_buffer((VW,), "uint32", scope="local")
+                                val = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                acc = T.sblock_alloc_buffer((TT,), "float32", scope="local")
+                                one = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                sum1 = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                tot = T.sblock_alloc_buffer((TT,), "float32", scope="local")
+                                if j < cnt[b]:
+                                    for tt in range((ch.tokens(b, n_tok) + TT - 1) // TT):
+                                        for u in T.unroll(TT):
+                                            acc[u] = T.float32(0)
+                                        for i in T.unroll(STEPS):
+                                            for v in T.vectorized(VW):
+                                                wq[v] = q[idx[b, j], c * W + w, (i * LANES + lane) * VW + v]
+                                            for v in T.unroll(VW):
+                                                for k in T.unroll(PER_WORD):
+                                                    val[0] = _decode(wq[v], k, sc[idx[b, j], c * W + w,
+                                                                                  ((i * LANES + lane) * VW + v) // WPG])
+                                                    for u in T.unroll(TT):
+                                                        if tt * TT + u < ch.tokens(b, n_tok):
+                                                            acc[u] = acc[u] + val[0] * T.Cast("float32", x[
+                                                                ch.start(b) + tt * TT + u,
+                                                                ((i * LANES + lane) * VW + v) * PER_WORD + k])
+                                        for u in range(TT):  # allreduce operands must be scalars (index 0)
+                                            one[0] = acc[u]
+                                            with T.sblock("row_sum"):
+                                                T.reads(one[0])
+                                                T.writes(sum1[0])
+                                                T.attr(T.comm_reducer(lambda a, b: a + b, [T.float32(0)]),
+                                                       "reduce_scope", T.int32(0))
+                                                T.tvm_thread_allreduce(T.uint32(1), one[0], True, sum1[0], lane,
+                                                                       dtype="void")
+                                            tot[u] = sum1[0]
+                                        if lane == 0:
+                                            for u in range(TT):
+                                                if tt * TT + u < ch.tokens(b, n_tok):
+                                                    h[ch.start(b) + tt * TT + u, j, c * W + w] = _silu_gate(
+                                                        tot[u], gate[ch.start(b) + tt * TT + u, idx[b, j]])
 
     return blockffn_sparse_up_q4_gpu
 
 
-def down_kernel_gpu(E: int, De: int, d: int, dtype: str, chunk: int | None = None):
+def down_splits_gpu(E: int, d: int, chunk: int | None, threads: int = 128, target_blocks: int = 512) -> int:
+    """Slot splits of the q4 down-projection: enough blocks for a large GPU at a single token whatever the union
+    size; prefill chunks already give parallelism."""
+    if chunk is not None:
+        return 4
+    blocks = d // next(v for v in (threads, 64, 32, 16, 8, 4, 2, 1) if d % v == 0)
+    return max(1, min(E, target_blocks // blocks))
+
+
+def down_kernel_gpu(E: int, De: int, d: int, dtype: str, chunk: int | None = None, threads: int = 128):
+    """Split-K partial sums over the chunk's active slots: block (output block, slot split, chunk), a thread per
+    output feature decoding its ``De``-long row of each slot (16-byte loads; a warp reads 32 adjacent rows, i.e.
+    one contiguous stretch of the expert's slab); ``part[k, t, o]``, summed by ``sparse_gpu.reduce_kernel_gpu``."""
     ch = Chunking(chunk)
-    OB = next(v for v in (128, 64, 32, 16, 8, 4, 2, 1) if d % v == 0)
+    OB = next(v for v in (threads, 64, 32, 16, 8, 4, 2, 1) if d % v == 0)
+    WR = De // PER_WORD
+    VW = next((v for v in (4, 2) if WR % v == 0), 1)
+    KS = down_splits_gpu(E, d, chunk, threads)
+    TT = TOKEN_TILE
 
     @T.prim_func(s_tir=True)
     def blockffn_sparse_down_q4_gpu(h_h: T.handle, q_h: T.handle, s_h: T.handle, idx_h: T.handle,
-                                    cnt_h: T.handle, y_h: T.handle):
+                                    cnt_h: T.handle, part_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         n_tok = T.int64()
         h = T.match_buffer(h_h, (n_tok, E, De), "float32")
-        q = T.match_buffer(q_h, (E, d, De // PER_WORD), "uint32")
+        q = T.match_buffer(q_h, (E, d, WR), "uint32")
         sc = T.match_buffer(s_h, (E, d, De // GROUP_SIZE), dtype)
         idx = T.match_buffer(idx_h, (ch.count(n_tok), E), "int32")
         cnt = T.match_buffer(cnt_h, (ch.count(n_tok),), "int32")
-        y = T.match_buffer(y_h, (n_tok, d), "float32")
-        for ob in T.thread_binding(d // OB, thread="blockIdx.x"):
-            for o in T.thread_binding(OB, thread="threadIdx.x"):
-                with T.sblock("down"):
-                    acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                    for t in range(n_tok):
-                        acc[0] = T.float32(0)
-                        for j in range(E):
-                            if j < cnt[ch.of(t)]:
-                                for w in range(De // PER_WORD):
-                                    for v in T.unroll(PER_WORD):
-                                        acc[0] = acc[0] + h[t, j, w * PER_WORD + v] * _decode(
-                                            q[idx[ch.of(t), j], ob * OB + o, w], v,
-                                            sc[idx[ch.of(t), j], ob * OB + o, w // WPG])
-                        y[t, ob * OB + o] = acc[0]
+        part = T.match_buffer(part_h, (KS, n_tok, d), "float32")
+        for b in T.thread_binding(ch.count(n_tok), thread="blockIdx.z"):
+            for ks in T.thread_binding(KS, thread="blockIdx.y"):
+                for ob in T.thread_binding(d // OB, thread="blockIdx.x"):
+                    for o in T.thread_binding(OB, thread="threadIdx.x"):
+                        with T.sblock("down"):
+                            wq = T.sblock_alloc_buffer((VW,), "uint32", scope="local")
+                            val = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                            acc = T.sblock_alloc_buffer((TT,), "float32", scope="local")
+                            rng = T.sblock_alloc_buffer((2,), "int32", scope="local")
+                            rng[0] = (cnt[b] + KS - 1) // KS
+                            rng[1] = T.min(cnt[b], (ks + 1) * rng[0])
+                            rng[0] = ks * rng[0]
+                            for tt in range((ch.tokens(b, n_tok) + TT - 1) // TT):
+                                for u in T.unroll(TT):
+                                    acc[u] = T.float32(0)
+                                for jj in range(rng[1] - rng[0]):
+                                    for i in T.unroll(WR // VW):
+                                        for v in T.vectorized(VW):
+                                            wq[v] = q[idx[b, rng[0] + jj], ob * OB + o, i * VW + v]
+                                        for v in T.unroll(VW):
+                                            for k in T.unroll(PER_WORD):
+                                                val[0] = _decode(wq[v], k, sc[idx[b, rng[0] + jj], ob * OB + o,
+                                                                              (i * VW + v) // WPG])
+                                                for u in T.unroll(TT):
+                                                    if tt * TT + u < ch.tokens(b, n_tok):
+                                                        acc[u] = acc[u] + val[0] * h[ch.start(b) + tt * TT + u,
+                                                                                     rng[0] + jj,
+                                                                                     (i * VW + v) * PER_WORD + k]
+                                for u in T.unroll(TT):
+                                    if tt * TT + u < ch.tokens(b, n_tok):
+                                        part[ks, ch.start(b) + tt * TT + u, ob * OB + o] = acc[u]
 
     return blockffn_sparse_down_q4_gpu
