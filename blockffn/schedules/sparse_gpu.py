@@ -91,6 +91,19 @@ def vector_width(d: int, dtype: str, max_lanes: int = 8) -> int:
     return next((v for v in (widest, 4, 2) if v <= widest and d % (WARP * v) == 0), 1)
 
 
+@T.macro(hygienic=False)
+def warp_sum(acc, u, one, sum1, tot, lane):
+    """``tot[u]`` = the sum of ``acc[u]`` over the warp's lanes (TVM's allreduce: shuffles on CUDA, shared memory on
+    OpenCL); its operands must be scalars, hence the one-element buffers."""
+    one[0] = acc[u]
+    with T.sblock("row_sum"):
+        T.reads(one[0])
+        T.writes(sum1[0])
+        T.attr(T.comm_reducer(lambda a, b: a + b, [T.float32(0)]), "reduce_scope", T.int32(0))
+        T.tvm_thread_allreduce(T.uint32(1), one[0], True, sum1[0], lane, dtype="void")
+    tot[u] = sum1[0]
+
+
 def up_kernel_gpu(E: int, De: int, d: int, dtype: str, warps: int = 8, chunk: int | None = None,
                   max_lanes: int = 8):
     """Block (slot j, ``warps`` expert rows, chunk); a warp per row, each lane loading VEC contiguous elements per
@@ -138,16 +151,8 @@ def up_kernel_gpu(E: int, De: int, d: int, dtype: str, warps: int = 8, chunk: in
                                                         acc[u] = acc[u] + T.Cast("float32", wv[v]) * T.Cast(
                                                             "float32", x[ch.start(b) + tt * TT + u,
                                                                          (i * LANES + lane) * VEC + v])
-                                        for u in range(TT):  # allreduce operands must be scalars (index 0)
-                                            one[0] = acc[u]
-                                            with T.sblock("row_sum"):
-                                                T.reads(one[0])
-                                                T.writes(sum1[0])
-                                                T.attr(T.comm_reducer(lambda a, b: a + b, [T.float32(0)]),
-                                                       "reduce_scope", T.int32(0))
-                                                T.tvm_thread_allreduce(T.uint32(1), one[0], True, sum1[0], lane,
-                                                                       dtype="void")
-                                            tot[u] = sum1[0]
+                                        for u in range(TT):
+                                            warp_sum(acc, u, one, sum1, tot, lane)
                                         if lane == 0:
                                             for u in range(TT):
                                                 if tt * TT + u < ch.tokens(b, n_tok):

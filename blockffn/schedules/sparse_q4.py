@@ -21,6 +21,7 @@ from tvm.script import tirx as T
 
 from blockffn.compiler.quantization import BITS, GROUP_SIZE, MAX_INT, PER_WORD
 from blockffn.schedules.chunking import Chunking
+from blockffn.schedules.sparse_gpu import warp_sum
 
 WPG = GROUP_SIZE // PER_WORD  # uint32 words per scale group
 
@@ -189,16 +190,8 @@ def up_kernel_gpu(E: int, De: int, d: int, dtype: str, chunk: int | None = None,
                                                             acc[u] = acc[u] + val[0] * T.Cast("float32", x[
                                                                 ch.start(b) + tt * TT + u,
                                                                 ((i * LANES + lane) * VW + v) * PER_WORD + k])
-                                        for u in range(TT):  # allreduce operands must be scalars (index 0)
-                                            one[0] = acc[u]
-                                            with T.sblock("row_sum"):
-                                                T.reads(one[0])
-                                                T.writes(sum1[0])
-                                                T.attr(T.comm_reducer(lambda a, b: a + b, [T.float32(0)]),
-                                                       "reduce_scope", T.int32(0))
-                                                T.tvm_thread_allreduce(T.uint32(1), one[0], True, sum1[0], lane,
-                                                                       dtype="void")
-                                            tot[u] = sum1[0]
+                                        for u in range(TT):
+                                            warp_sum(acc, u, one, sum1, tot, lane)
                                         if lane == 0:
                                             for u in range(TT):
                                                 if tt * TT + u < ch.tokens(b, n_tok):
