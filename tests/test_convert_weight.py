@@ -189,3 +189,15 @@ def _shapes(cfg):
     from blockffn.model.checkpoint import expected_shapes
 
     return expected_shapes(BlockFFNConfig.from_hf_dict(cfg)).values()
+
+
+def test_bench_and_chat_run_a_library_built_alone(split_artifact, tmp_path):
+    art, lib, _ = split_artifact
+    (tmp_path / "prompts.txt").write_text("The President said that\n")
+    r = cli("bench", "--artifact", art, "--model-lib", lib, "--prompts", tmp_path / "prompts.txt", "--max-tokens", 8,
+            "--json", tmp_path / "bench.json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "bench.json").read_text())["speedup_vs_dense_ar"]
+    assert "sparse-AR" in rows
+    r = cli("chat", "--artifact", art, "--model-lib", lib, "--max-tokens", 4, "--greedy", input="Hello\n/exit\n")
+    assert r.returncode == 0, r.stderr

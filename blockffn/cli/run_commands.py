@@ -98,8 +98,8 @@ def _artifact(path, device: str) -> Path:
                    "faster here), always the sparse lowering, or the dense twins (same weights).")
 @_speculation_options(None)
 @click.option("--json", "as_json", is_flag=True, help='Print {"tokens": [...], "text": "...", "tok_per_s": ...}.')
-def generate_cmd(model_dir, artifact_dir, device, model_lib, prompt, sparse, ffn, draft_dir, speculative, draft_len, as_json,
-                 **sampling) -> None:
+def generate_cmd(model_dir, artifact_dir, device, model_lib, prompt, sparse, ffn, draft_dir, speculative, draft_len,
+                 as_json, **sampling) -> None:
     """Generate text from a prompt, with PyTorch (--model) or a compiled artifact (--artifact); speculative decoding
     with a draft is lossless (same tokens when greedy, same distribution when sampling)."""
     params = _generation_params(**sampling)
@@ -166,16 +166,19 @@ def _generate_pytorch(model_dir, prompt, params, sparse, draft_dir, speculative,
 @click.option("--artifact", "artifact_dir", type=click.Path(path_type=Path), default=None,
               help="Compiled artifact (default: the bundled model compiled for --device, cached).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--model-lib", type=click.Path(path_type=Path), default=None,
+              help="Run this model library (built alone by `blockffn-compile -o NAME.so`) over the artifact's weights.")
 @_sampling_options
 @_speculation_options("auto")
-def chat_cmd(artifact_dir, device, draft_dir, speculative, draft_len, **sampling) -> None:
+def chat_cmd(artifact_dir, device, model_lib, draft_dir, speculative, draft_len, **sampling) -> None:
     """Interactive chat: /reset clears the conversation, /stats shows speeds, /exit leaves; Ctrl-C stops a reply."""
     from blockffn.runtime.chat import ChatSession
 
     params = _generation_params(**sampling)
     from blockffn.runtime.session import open_generator
 
-    gen = open_generator(_artifact(artifact_dir, device), device, draft_dir, speculative, draft_len)
+    gen = open_generator(_artifact(artifact_dir, device), device, draft_dir, speculative, draft_len,
+                         model_lib=model_lib)
     ChatSession(gen, params).repl()
 
 
@@ -190,7 +193,9 @@ def chat_cmd(artifact_dir, device, draft_dir, speculative, draft_len, **sampling
 @click.option("--max-tokens", default=64, show_default=True, help="Generated tokens per prompt.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the numbers here.")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="Bar chart PNG (matplotlib).")
-def bench_cmd(artifact_dir, device, draft_dir, prompts_file, max_tokens, json_out, plot_out) -> None:
+@click.option("--model-lib", type=click.Path(path_type=Path), default=None,
+              help="Run this model library (built alone by `blockffn-compile -o NAME.so`) over the artifact's weights.")
+def bench_cmd(artifact_dir, device, draft_dir, prompts_file, max_tokens, json_out, plot_out, model_lib) -> None:
     """Decode/prefill tok/s for dense-AR, sparse-AR, dense-spec, sparse-spec (same weights), accepted length, and
     achieved bandwidth vs a bandwidth figure measured on the same device."""
     from blockffn.runtime.bench import plot, run_bench
@@ -202,7 +207,7 @@ def bench_cmd(artifact_dir, device, draft_dir, prompts_file, max_tokens, json_ou
             raise BlockFFNError(f"{prompts_file}: no prompts")
     art = _artifact(artifact_dir, device)
     click.echo(f"bench {art} on {device}")
-    r = run_bench(art, device, draft_dir, prompts, max_tokens, log=click.echo)
+    r = run_bench(art, device, draft_dir, prompts, max_tokens, log=click.echo, model_lib=model_lib)
     click.echo(f"  bandwidth {r['bandwidth_gbs']:.1f} GB/s measured; dense-AR streams {r['achieved_gbs']:.2f} GB/s of "
                f"weights = {r['roofline_fraction']:.2f} of it")
     for name, x in r["speedup_vs_dense_ar"].items():

@@ -67,7 +67,8 @@ def _run(gen, prompt_ids, params) -> dict:
             "accept_len": float(np.mean(accepted)) if accepted else None, "tokens": tokens}
 
 
-def run_bench(artifact, device: str = "cpu", draft=None, prompts=None, max_tokens: int = 64, log=print) -> dict:
+def run_bench(artifact, device: str = "cpu", draft=None, prompts=None, max_tokens: int = 64, log=print,
+              model_lib=None) -> dict:
     from blockffn.runtime.engine import Engine
     from blockffn.runtime.generation import Generator, SpecConfig
     from blockffn.runtime.sampling import GenerationParams
@@ -75,11 +76,11 @@ def run_bench(artifact, device: str = "cpu", draft=None, prompts=None, max_token
 
     prompts = prompts or default_prompts()
     params = GenerationParams(max_tokens=max_tokens, greedy=True, stop_at_eos=False)
-    sparse = Engine(artifact, device=device, ffn="auto")
+    sparse = Engine(artifact, device=device, ffn="auto", model_lib=model_lib)
     if not sparse.art.manifest.get("ffn", {}).get("sparse_functions"):
         raise BlockFFNError(f"{artifact} was compiled with --ffn dense; bench compares dense and sparse decoding, "
                             f"compile it with --ffn auto")
-    dense = Engine(artifact, device=device, ffn="dense")
+    dense = Engine(artifact, device=device, ffn="dense", model_lib=model_lib)
     prompt_ids = [sparse.tokenizer.encode(p).ids for p in prompts]
     room = sparse.context_window - max_tokens - 40
     prompt_ids = [ids[:room] for ids in prompt_ids if ids]
