@@ -7,6 +7,7 @@ hold the model in memory.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -132,7 +133,8 @@ def test_mismatched_library_and_weights_are_refused_in_one_line(split_artifact, 
 
 
 def test_convert_weight_keeps_other_files_and_refuses_to_replace_weights(split_artifact, tmp_path):
-    art, _, _ = split_artifact
+    art = tmp_path / "art"  # a copy: the other tests keep using the shared artifact's q0f32 weights
+    shutil.copytree(split_artifact[0], art)
     before = {p.name: p.read_bytes() for p in art.iterdir()}
     r = cli("convert-weight", "--dtype", "q0f16", "-o", art)
     assert r.returncode != 0 and "--overwrite" in r.stderr
