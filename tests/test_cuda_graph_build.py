@@ -15,7 +15,7 @@ from blockffn.compiler.compile import CompileOptions, compile_model, sparse_func
 from blockffn.compiler.relax_model import export_model
 from blockffn.model import load_model, preset_config
 from blockffn.relax_passes.add_dense_twins import AddDenseTwins
-from blockffn.relax_passes.graph_safe_subroutines import InlineStaticSubroutines
+from blockffn.relax_passes.graph_safe_subroutines import InlineSubroutines
 from blockffn.relax_passes.lower_sparse_ffn import LowerBlockFFNSparse
 from blockffn.runtime.engine import Engine
 
@@ -55,7 +55,7 @@ def test_inlining_removes_every_subroutine_call_and_keeps_every_shape():
     mod = LowerBlockFFNSparse(fns, family="gpu")(AddDenseTwins(list(fns))(mod))
     before = {gv.name_hint: len(private_calls(f)) for gv, f in mod.functions.items() if isinstance(f, relax.Function)}
     assert before["decode"] == before["prefill"] == 2  # one BlockFFN call per layer, static and symbolic shapes
-    mod = InlineStaticSubroutines(mod)
+    mod = InlineSubroutines(mod)
     for gv, func in mod.functions.items():
         if isinstance(func, relax.Function):
             assert not private_calls(func), gv.name_hint

@@ -136,8 +136,8 @@ def q4_ffn_on_device(request, device):
 
 @pytest.mark.parametrize("T,pattern", [(1, "sparse"), (5, "half"), (17, "all"), (3, "none")])
 def test_q4_sparse_kernels_on_opencl_match_dequantized_numpy(q4_ffn_on_device, T, pattern):
-    from blockffn.compiler.quantization import dequantize, quantize
-    from tests.test_q4_lowering import numpy_ffn
+    from blockffn.compiler.quantization import quantize
+    from tests.test_q4_lowering import q4_reference
 
     cfg, scheme, run = q4_ffn_on_device
     E, De, d = cfg.num_experts, cfg.expert_size, cfg.hidden_size
@@ -153,10 +153,7 @@ def test_q4_sparse_kernels_on_opencl_match_dequantized_numpy(q4_ffn_on_device, T
     launched = len(run.launched)
     sparse = run("sparse", x[None], (w_r, w_n, up_q, up_s, down_q, down_s))[0]
     assert any(k.startswith("blockffn_sparse_down_q4") for k in run.launched[launched:])
-    up = dequantize(up_q, up_s).astype(np.float64).reshape(E * De, d)
-    down = dequantize(down_q, down_s).astype(np.float64).transpose(1, 0, 2).reshape(d, E * De)
-    ref = numpy_ffn(x.astype(np.float64), w_r.astype(np.float64), w_n.astype(np.float64), up, down, E, De,
-                    cfg.rms_norm_eps)
+    ref = q4_reference(x, w_r, w_n, up_q, up_s, down_q, down_s, cfg)
     if not active.any():
         assert not sparse.any()
         return

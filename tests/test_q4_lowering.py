@@ -42,6 +42,15 @@ def numpy_ffn(x, w_r, w_n, up, down, E, De, eps):
     return (h.reshape(len(x), E, De) * g[:, :, None]).reshape(len(x), E * De) @ down.T
 
 
+def q4_reference(x, w_r, w_n, up_q, up_s, down_q, down_s, cfg):
+    """fp64 numpy layer over the dequantized expert slabs (up [E, De, d] and down [E, d, De], back to HF layout)."""
+    E, De, d = cfg.num_experts, cfg.expert_size, cfg.hidden_size
+    up = dequantize(up_q, up_s).astype(np.float64).reshape(E * De, d)
+    down = dequantize(down_q, down_s).astype(np.float64).transpose(1, 0, 2).reshape(d, E * De)
+    return numpy_ffn(x.astype(np.float64), w_r.astype(np.float64), w_n.astype(np.float64), up, down, E, De,
+                     cfg.rms_norm_eps)
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.sampled_from(SCHEME_NAMES), st.sampled_from([None, 4]), st.integers(1, 24),
        st.sampled_from(["none", "all", "random", "sparse"]), st.integers(0, 2**16))
@@ -64,10 +73,7 @@ def test_sparse_q4_equals_dense_q4_and_numpy(q4_vms, name, chunk, T, kind, seed)
     xt = tvm.runtime.tensor(x[None])
     sparse = vm["sparse"](xt, params).numpy()[0].astype(np.float64)
     dense = vm["dense"](xt, params).numpy()[0].astype(np.float64)
-    up = dequantize(up_q, up_s).astype(np.float64).reshape(E * De, d)
-    down = dequantize(down_q, down_s).astype(np.float64).transpose(1, 0, 2).reshape(d, E * De)
-    ref = numpy_ffn(x.astype(np.float64), w_r.astype(np.float64), w_n.astype(np.float64), up, down, E, De,
-                    cfg.rms_norm_eps)
+    ref = q4_reference(x, w_r, w_n, up_q, up_s, down_q, down_s, cfg)
     if not mask.any():
         assert not sparse.any()
         return

@@ -16,10 +16,10 @@ directions are checked:
 ``tests/test_official_interop.py`` then checks that our PyTorch model and the compiled CPU artifact reproduce every
 fixture.  Setup (the official code targets transformers 4.36, see its config.json)::
 
-    python3.11 -m venv /tmp/offvenv
-    /tmp/offvenv/bin/pip install torch==2.13.0 transformers==4.36.2 safetensors numpy
-    git --git-dir=<mirror of thunlp/BlockFFN> archive HEAD pretrain/bmt_to_hf | tar x -C /tmp/official
-    /tmp/offvenv/bin/python tools/official_fixtures.py --official /tmp/official/pretrain/bmt_to_hf \\
+    python3.11 -m venv VENV
+    VENV/bin/pip install torch==2.13.0 transformers==4.36.2 safetensors numpy
+    git --git-dir=<mirror of thunlp/BlockFFN> archive HEAD pretrain/bmt_to_hf | tar x -C OFFICIAL
+    VENV/bin/python tools/official_fixtures.py --official OFFICIAL/pretrain/bmt_to_hf \\
         --blockffn .venv/bin/blockffn
 """
 

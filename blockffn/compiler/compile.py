@@ -192,9 +192,9 @@ def lower_and_build(mod, metadata: dict, bounds: dict, preset, target, prefix: s
     from blockffn.schedules.dlight_rules import metal_simdgroup_disabled, reduction_rules_guarded, schedule_passes
 
     if cuda_graph:  # on any target, so that the CPU tests check the inlined module computes the same
-        from blockffn.relax_passes.graph_safe_subroutines import InlineStaticSubroutines
+        from blockffn.relax_passes.graph_safe_subroutines import InlineSubroutines
 
-        graph_passes = list(graph_passes) + [InlineStaticSubroutines]
+        graph_passes = list(graph_passes) + [InlineSubroutines]
     cuda_graph = cuda_graph and target.kind.name == "cuda"
     kw = dict(graph_passes=list(graph_passes), schedule_passes=schedule_passes(target))
     if prefix is not None:

@@ -1,18 +1,17 @@
-"""Make private Relax subroutines safe for TVM's CUDA-graph rewriting (`relax.backend.use_cuda_graph`).
+"""InlineSubroutines: put every private Relax subroutine into its callers, for CUDA-graph builds.
 
-``RewriteCUDAGraph`` captures stretches of kernels over *static* tensors and replays each stretch from a cache keyed
-by its position in the executable, never by the tensors passed in.  Two things break that for a model whose layers
-call private subroutines (``BlockFFN*``, one call per layer):
+``RewriteCUDAGraph`` (`relax.backend.use_cuda_graph`) captures stretches of kernels over *static* tensors and replays
+each stretch from a cache keyed by its position in the executable, never by the tensors passed in.  Two things break
+that for a model whose layers call private subroutines (``BlockFFN*``, one call per layer):
 
 * inside a private function every parameter counts as static (it has no ``num_input``), so the capture made on the
   layer-0 call is replayed, with layer 0's weights and input, for every other layer;
 * a caller's captured stretch reads the subroutine's result from wherever the subroutine allocated it on the
   capturing call.
 
-``InlineStaticSubroutines`` puts the body of every call with static argument shapes (decode, decode-shaped
-verification) into its caller, where it is planned and captured with the rest of the step.  Calls with symbolic
-shapes (prefill, batched calls) keep their subroutine, which is marked ``num_input = len(params)`` so that nothing
-reading its parameters is captured; stretches with symbolic shapes are not captured by TVM in the first place.
+Inlined, a layer's FFN is planned and captured with the rest of the step.  ``relax.transform.InlinePrivateFunctions``
+alone loses the shapes of calls with symbolic shapes (prefill, batched calls: the callee's ``seq_len`` is not the
+caller's), so each call site inlines a fresh copy of its callee whose shape variables are bound to the caller's.
 """
 
 from __future__ import annotations
@@ -38,55 +37,38 @@ def _symbolic_binding(callee: relax.Function, args) -> dict:
     return binding
 
 
-def _static(expr) -> bool:
-    shape = getattr(expr.ty, "shape", None)
-    return isinstance(shape, relax.ShapeExpr) and all(isinstance(v, tvm.tirx.IntImm) for v in shape.values)
-
-
 @mutator
-class _InlineStatic(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, symbolic: bool):
+class _Inline(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule):
         super().__init__(mod)
         self.mod_ = mod
-        self.symbolic = symbolic
-        self.inlined = 0
 
     def visit_var_binding_(self, binding):  # noqa: N802 - TVM visitor naming
         value = binding.value
-        if (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.GlobalVar)
-                and value.op in self.mod_.functions and _private(self.mod_[value.op])
-                and (self.symbolic or all(_static(a) for a in value.args if isinstance(a.ty, relax.TensorType)))):
-            callee = relax.utils.copy_with_new_vars(self.mod_[value.op])
-            binding_map = _symbolic_binding(callee, [self.visit_expr(a) for a in value.args])
-            if binding_map:  # the callee's shape variables become the caller's shapes
-                callee = callee.bind_symbolic_vars(binding_map)
-            for param, arg in zip(callee.params, value.args):
-                self.set_var_remap(param, self._as_var(self.visit_expr(arg)))
-            body = callee.body
-            for block in body.blocks:
-                for b in block.bindings:
-                    self.visit_binding(b)
-            self.set_var_remap(binding.var, self._as_var(self.visit_expr(body.body)))
-            self.inlined += 1
+        if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.GlobalVar)
+                and value.op in self.mod_.functions and _private(self.mod_[value.op])):
+            super().visit_var_binding_(binding)
             return
-        super().visit_var_binding_(binding)
-
+        args = [self._as_var(self.visit_expr(a)) for a in value.args]
+        callee = relax.utils.copy_with_new_vars(self.mod_[value.op])  # fresh variables for this call site
+        shapes = _symbolic_binding(callee, args)
+        if shapes:
+            callee = callee.bind_symbolic_vars(shapes)
+        for param, arg in zip(callee.params, args):
+            self.set_var_remap(param, arg)
+        for block in callee.body.blocks:
+            for b in block.bindings:
+                self.visit_binding(b)
+        self.set_var_remap(binding.var, self._as_var(self.visit_expr(callee.body.body)))
 
     def _as_var(self, expr):
         return expr if isinstance(expr, relax.Var) else self.builder_.emit(expr)
 
 
-SYMBOLIC = True
-
-
-@tvm.transform.module_pass(opt_level=0, name="InlineStaticSubroutines")
-def InlineStaticSubroutines(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 - TVM pass naming
-    callers = [gv for gv, f in mod.functions.items() if isinstance(f, relax.Function) and not _private(f)]
-    inline = _InlineStatic(mod, SYMBOLIC)
-    for gv in callers:
-        inline.builder_.update_func(gv, inline.visit_expr(mod[gv]))
-    mod = relax.transform.DeadCodeElimination()(inline.builder_.get())
-    for gv, func in list(mod.functions.items()):
-        if _private(func):
-            mod[gv] = func.with_attr("num_input", len(func.params))
-    return mod
+@tvm.transform.module_pass(opt_level=0, name="InlineSubroutines")
+def InlineSubroutines(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 - TVM pass naming
+    inline = _Inline(mod)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function) and not _private(func):
+            inline.builder_.update_func(gv, inline.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(inline.builder_.get())
