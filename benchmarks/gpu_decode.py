@@ -41,7 +41,7 @@ def build(args) -> None:
     model.mkdir(parents=True, exist_ok=True)
     preset_config(args.preset).save(model / "config.json")  # the library needs the config only
     for dtype in args.dtype:
-        for graph in (False, True):
+        for graph in {"both": (False, True), "on": (True,), "off": (False,)}[args.cuda_graph]:
             folder = out / f"{dtype}-{'graph' if graph else 'plain'}"
             r = compile_model(CompileOptions(model_dir=model, target="cuda", arch=args.arch, quantization=dtype,
                                              output=folder / "lib.so", context_window=args.context_window,
@@ -221,6 +221,8 @@ def main() -> None:
     ap.add_argument("--preset", default="3b")
     ap.add_argument("--dtype", action="append", default=None, help="q0f16, q4f16_1 (repeatable; default q0f16)")
     ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--cuda-graph", choices=("both", "on", "off"), default="both",
+                    help="--build-only: libraries with CUDA graphs, without, or both")
     ap.add_argument("--context-window", type=int, default=1024)
     ap.add_argument("-o", "--output", default="bench-gpu")
     ap.add_argument("--fractions", type=lambda s: [float(x) for x in s.split(",")], default=[0.125, 0.25, 0.5])

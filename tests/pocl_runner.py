@@ -135,6 +135,8 @@ class PoCLInterpreter:
             return self._eval(expr.body, env, shapes)
         if isinstance(expr, relax.Var):
             return env[expr]
+        if isinstance(expr, tvm.ir.expr.Constant):
+            return expr.value.numpy()
         if isinstance(expr, relax.TupleGetItem):
             return self._eval(expr.tuple_value, env, shapes)[expr.index]
         if isinstance(expr, relax.Tuple):

@@ -7,6 +7,7 @@ kernel by kernel on the device and matches numpy.  Skipped, with the reason, wit
 
 import numpy as np
 import pytest
+import tvm
 
 from blockffn import default_model_path
 from blockffn.artifacts.layout import storage_dtype
@@ -14,6 +15,7 @@ from blockffn.compiler.compile import CompileOptions, PhaseTimer, build_library,
 from blockffn.compiler.pipeline import build_pipeline
 from blockffn.compiler.relax_model import SingleBlockFFN
 from blockffn.model import load_model
+from blockffn.relax_passes.lower_dense_ffn import LowerBlockFFNDenseDecodeGPU
 from blockffn.relax_passes.lower_sparse_ffn import LowerBlockFFNSparse
 from blockffn.schedules.dlight_rules import schedule_passes
 from blockffn.targets import get_target
@@ -69,8 +71,9 @@ def ffn_on_device(request, device):
     preset = get_target(preset_name)
     target = preset.tvm_target()
     cfg = small_config()
-    mod, _ = SingleBlockFFN(cfg).export()
-    mod = LowerBlockFFNSparse({"sparse": chunk}, family=preset.kernel_family)(mod)
+    mod, _ = SingleBlockFFN(cfg).export(decode_entries=True)
+    mod = LowerBlockFFNSparse({"sparse": chunk, "sparse_decode": None}, family=preset.kernel_family)(mod)
+    mod = LowerBlockFFNDenseDecodeGPU()(mod)  # dense_decode: the split-K down kernel over every expert
     pipeline, _ = build_pipeline(target, {}, {"n": 64}, schedule_passes=schedule_passes(target), through="schedule")
     with target:
         scheduled = pipeline(mod)
@@ -115,6 +118,13 @@ def test_sparse_ffn_kernels_on_opencl_match_numpy(ffn_on_device, T, pattern):
     scale = np.abs(ref).max()
     assert np.abs(sparse - ref).max() / scale <= 1e-5
     assert np.abs(dense - ref).max() / scale <= 1e-5
+    if T == 1:  # the static single-token entry points, as a model's decode is compiled
+        launched = len(run.launched)
+        dense_decode = run("dense_decode", x[None], tuple(w))[0]
+        assert any(k.startswith("blockffn_sparse_down") for k in run.launched[launched:])
+        sparse_decode = run("sparse_decode", x[None], tuple(w))[0]
+        assert np.abs(dense_decode - ref).max() / scale <= 1e-5
+        assert np.abs(sparse_decode - ref).max() / scale <= 1e-5
 
 
 @pytest.fixture(scope="module", params=[None, 4], ids=["call-union", "chunk4"])
@@ -158,3 +168,29 @@ def test_q4_sparse_kernels_on_opencl_match_dequantized_numpy(q4_ffn_on_device, T
         assert not sparse.any()
         return
     assert np.abs(sparse - ref).max() / np.abs(ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("T,count", [(1, 5), (3, 8), (6, 1)])
+def test_up_kernel_strides_over_more_rows_than_warps(device, T, count):
+    """The GPU up kernel on a grid of one block (8 warps) over up to 8 experts × 12 rows: each warp takes several
+    rounds of ROWS_IN_FLIGHT rows, the last one partial; slots ≥ count stay unwritten."""
+    from blockffn.schedules.sparse_gpu import up_kernel_gpu
+
+    _, ctx, queue = device
+    E, De, d = 8, 12, 64  # De: rounds of 16 rows end inside an expert
+    rng = np.random.default_rng(T + count)
+    x = rng.standard_normal((T, d)).astype("float32")
+    gate = rng.random((T, E)).astype("float32")
+    up = rng.standard_normal((E * De, d)).astype("float32")
+    idx = np.zeros((1, E), "int32")
+    idx[0, :count] = rng.choice(E, count, replace=False)
+    run = PoCLInterpreter(tvm.IRModule({"up": up_kernel_gpu(E, De, d, "float32", blocks=1)}),
+                          get_target("android").tvm_target(), ctx, queue)
+    h = np.full((T, E, De), np.nan, "float32")
+    run.run_primfunc("up", [x, gate, up, idx, np.array([count], "int32")], [h])
+    for j in range(count):
+        e = idx[0, j]
+        z = x.astype(np.float64) @ up[e * De:(e + 1) * De].T.astype(np.float64)
+        want = z / (1 + np.exp(-z)) * gate[:, e:e + 1]
+        np.testing.assert_allclose(h[:, j], want, rtol=1e-5, atol=1e-5)
+    assert np.isnan(h[:, count:]).all()

@@ -166,6 +166,10 @@ def build_library(opts: CompileOptions, cfg, preset, target, dtype: str, context
         graph_passes += [AddDenseTwins(list(sparse_fns)),
                          LowerBlockFFNSparse(sparse_fns, family=preset.kernel_family,
                                              max_vector_lanes=4 if target.kind.name == "metal" else 8)]
+    if preset.kernel_family == "gpu":  # (q4 experts keep their dense body: the pass skips them)
+        from blockffn.relax_passes.lower_dense_ffn import LowerBlockFFNDenseDecodeGPU
+
+        graph_passes.append(LowerBlockFFNDenseDecodeGPU(max_vector_lanes=4 if target.kind.name == "metal" else 8))
     metadata["ffn"] = {"policy": opts.ffn, "sparse_functions": list(sparse_fns),
                        "union_chunk": {f: c for f, c in sparse_fns.items() if c is not None},
                        "dense_twins": {f: f + DENSE_TWIN_SUFFIX for f in sparse_fns}}

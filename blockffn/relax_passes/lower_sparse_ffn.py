@@ -53,7 +53,7 @@ class _FindRMSNormEps(PyExprVisitor):
         super().visit_call_(call)
 
 
-def _router_eps(func: relax.Function) -> float:
+def router_eps(func: relax.Function) -> float:
     v = _FindRMSNormEps()
     v.visit_expr(func)
     if v.eps is None:
@@ -86,6 +86,17 @@ def _q4_kernels(family: str, E: int, De: int, d: int, dtype: str, chunk: int | N
     return union, q4.up_kernel_gpu(E, De, d, dtype, chunk=chunk), q4.down_kernel_gpu(E, De, d, dtype, chunk=chunk)
 
 
+def add_gpu_reduce(bb: relax.BlockBuilder, E: int, De: int, d: int, dtype: str, chunk: int | None,
+                   quantized: bool, max_lanes: int = 8):
+    """(K splits of the GPU down kernel, GlobalVar of the reduce that sums them and casts to ``dtype``)."""
+    from blockffn.schedules import sparse_gpu, sparse_q4
+
+    splits = (sparse_q4.down_splits_gpu(E, d, chunk) if quantized
+              else sparse_gpu.down_splits(E, De, d, dtype, chunk, max_lanes=max_lanes))
+    return splits, bb.add_func(sparse_gpu.reduce_kernel_gpu(d, dtype, splits).without_attr("global_symbol"),
+                               f"blockffn_sparse_reduce_s{splits}_d{d}_{dtype}")
+
+
 def _build_sparse_twin(bb: relax.BlockBuilder, name: str, dense: relax.Function, family: str,
                        chunk: int | None, max_lanes: int = 8) -> tvm.ir.GlobalVar:
     x_ty, router_ty, _, up_ty = [p.ty for p in dense.params[:4]]
@@ -93,7 +104,7 @@ def _build_sparse_twin(bb: relax.BlockBuilder, name: str, dense: relax.Function,
     quantized = len(dense.params) == 7
     De = int(up_ty.shape[1]) if quantized else int(up_ty.shape[0]) // E
     dtype = str(x_ty.dtype)
-    eps = _router_eps(dense)
+    eps = router_eps(dense)
     # kernels are private (no global_symbol) so the same kernel added for several layers' twins is deduplicated
     kernels = _q4_kernels(family, E, De, d, dtype, chunk) if quantized else _kernels(family, E, De, d, dtype, chunk,
                                                                                         max_lanes)
@@ -105,12 +116,7 @@ def _build_sparse_twin(bb: relax.BlockBuilder, name: str, dense: relax.Function,
     gv_down = bb.add_func(f_down, f"blockffn_sparse_down{kind}_e{E}_de{De}_d{d}_{dtype}{tag}")
     splits = None  # GPU kernels: the down-projection is split-K partials plus a reduce that casts
     if family == "gpu":
-        from blockffn.schedules import sparse_gpu, sparse_q4
-
-        splits = (sparse_q4.down_splits_gpu(E, d, chunk) if quantized
-                  else sparse_gpu.down_splits(E, De, d, dtype, chunk, max_lanes=max_lanes))
-        gv_reduce = bb.add_func(sparse_gpu.reduce_kernel_gpu(d, dtype, splits).without_attr("global_symbol"),
-                                f"blockffn_sparse_reduce_s{splits}_d{d}_{dtype}")
+        splits, gv_reduce = add_gpu_reduce(bb, E, De, d, dtype, chunk, quantized, max_lanes)
     params = [relax.Var(p.name, p.ty) for p in dense.params]
     x, w_router, w_norm = params[:3]
     w_up, w_down = (params[3:5], params[5:7]) if quantized else ([params[3]], [params[4]])

@@ -4,9 +4,10 @@ Same contract as ``sparse_cpu`` (see its docstring; token chunks as in ``chunkin
 
 * ``union`` - block per chunk, thread per expert: flags in shared memory, each active expert's slot is the count
   of active experts before it (no serial E×T scan by one thread: that alone cost more than a small layer's GEMVs).
-* ``up``    - block = (expert slot j, 8 rows of the expert, chunk); a warp per expert row reads it with 16-byte
-  vector loads (a warp covers 512 contiguous bytes per step), keeps one partial dot product per token of a
-  4-token tile and sums them with TVM's cross-thread allreduce (warp shuffles on CUDA); slots ≥ count exit at once.
+* ``up``    - a fixed grid of warps (one wave) strides over the chunk's active (slot, expert row) pairs, two rows
+  at a time; a warp reads a row with 16-byte vector loads (512 contiguous bytes per step) into registers, then keeps
+  one partial dot product per token of a 4-token tile and sums them with TVM's cross-thread allreduce (warp shuffles
+  on CUDA).
 * ``down``  - split-K GEMV over the active (slot, expert row) pairs.  Block = (a 32·VEC-column tile, a K split,
   chunk); the chunk's ``count·De`` pairs are divided evenly over the K splits at run time, so every SM has work
   whatever the union size; the 8 warps of a block take interleaved rows, each lane loading VEC contiguous columns
@@ -104,16 +105,26 @@ def warp_sum(acc, u, one, sum1, tot, lane):
     tot[u] = sum1[0]
 
 
+UP_BLOCKS = 256  # blocks of the up kernel per chunk: about two per SM of a large GPU, one wave, no idle blocks
+ROWS_IN_FLIGHT = 2  # expert rows a warp loads before reducing any (more independent 16-byte loads per lane)
+
+
 def up_kernel_gpu(E: int, De: int, d: int, dtype: str, warps: int = 8, chunk: int | None = None,
-                  max_lanes: int = 8):
-    """Block (slot j, ``warps`` expert rows, chunk); a warp per row, each lane loading VEC contiguous elements per
-    step; per 4-token tile one dot product per token, summed across the warp by TVM's allreduce.  Slots past
-    ``count`` exit at once.  ``h[t, j, r] = SiLU(x_t · up[idx[j]·De + r]) · gate[t, idx[j]]`` (fp32)."""
+                  max_lanes: int = 8, blocks: int = UP_BLOCKS):
+    """A fixed grid of warps strides over the chunk's ``count·De`` active (slot, row) pairs, ``ROWS_IN_FLIGHT``
+    rows at a time: each lane loads its VEC-element pieces of those rows (16-byte loads) into registers, then per
+    4-token tile computes one dot product per (row, token), summed across the warp by TVM's allreduce (only for
+    tokens that exist: decode reduces one).  A static grid sized for the busiest case would leave most blocks idle
+    at a small union; this one is one wave whatever the union.
+    ``h[t, j, r] = SiLU(x_t · up[idx[j]·De + r]) · gate[t, idx[j]]`` (fp32)."""
     ch = Chunking(chunk)
     VEC = vector_width(d, dtype, max_lanes)
     LANES = WARP if d % WARP == 0 else 1
     STEPS = d // (LANES * VEC)
-    W = _divisor(De, warps)
+    W = warps
+    NB = max(1, min(blocks, (E * De + W - 1) // W))
+    G = NB * W  # warps of a chunk
+    R = ROWS_IN_FLIGHT
     TT = TOKEN_TILE
 
     @T.prim_func(s_tir=True)
@@ -128,39 +139,59 @@ def up_kernel_gpu(E: int, De: int, d: int, dtype: str, warps: int = 8, chunk: in
         cnt = T.match_buffer(cnt_h, (ch.count(n_tok),), "int32")
         h = T.match_buffer(h_h, (n_tok, E, De), "float32")
         for b in T.thread_binding(ch.count(n_tok), thread="blockIdx.z"):
-            for j in T.thread_binding(E, thread="blockIdx.x"):
-                for c in T.thread_binding(De // W, thread="blockIdx.y"):
-                    for w in T.thread_binding(W, thread="threadIdx.y"):
-                        for lane in T.thread_binding(LANES, thread="threadIdx.x"):
-                            with T.sblock("up"):
-                                wv = T.sblock_alloc_buffer((VEC,), dtype, scope="local")
-                                acc = T.sblock_alloc_buffer((TT,), "float32", scope="local")
-                                one = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                sum1 = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                tot = T.sblock_alloc_buffer((TT,), "float32", scope="local")
-                                if j < cnt[b]:
-                                    for tt in range((ch.tokens(b, n_tok) + TT - 1) // TT):
-                                        for u in T.unroll(TT):
-                                            acc[u] = T.float32(0)
-                                        for i in T.unroll(STEPS):  # independent 16-byte loads in flight
+            for bx in T.thread_binding(NB, thread="blockIdx.x"):
+                for w in T.thread_binding(W, thread="threadIdx.y"):
+                    for lane in T.thread_binding(LANES, thread="threadIdx.x"):
+                        with T.sblock("up"):
+                            wv = T.sblock_alloc_buffer((R, STEPS * VEC), dtype, scope="local")
+                            xv = T.sblock_alloc_buffer((VEC,), dtype, scope="local")
+                            acc = T.sblock_alloc_buffer((R * TT,), "float32", scope="local")
+                            one = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                            sum1 = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                            tot = T.sblock_alloc_buffer((R * TT,), "float32", scope="local")
+                            for k in range((cnt[b] * De + G * R - 1) // (G * R)):
+                                for rr in T.unroll(R):  # this warp's rows: p = (k·R + rr)·G + warp
+                                    if (k * R + rr) * G + bx * W + w < cnt[b] * De:
+                                        for i in T.unroll(STEPS):
                                             for v in T.vectorized(VEC):
-                                                wv[v] = up[idx[b, j] * De + c * W + w, (i * LANES + lane) * VEC + v]
-                                            for u in T.unroll(TT):
-                                                if tt * TT + u < ch.tokens(b, n_tok):
+                                                wv[rr, i * VEC + v] = up[
+                                                    idx[b, ((k * R + rr) * G + bx * W + w) // De] * De
+                                                    + ((k * R + rr) * G + bx * W + w) % De,
+                                                    (i * LANES + lane) * VEC + v]
+                                for tt in range((ch.tokens(b, n_tok) + TT - 1) // TT):
+                                    for a in T.unroll(R * TT):
+                                        acc[a] = T.float32(0)
+                                    for u in T.unroll(TT):
+                                        if tt * TT + u < ch.tokens(b, n_tok):
+                                            for i in T.unroll(STEPS):
+                                                for v in T.vectorized(VEC):
+                                                    xv[v] = x[ch.start(b) + tt * TT + u, (i * LANES + lane) * VEC + v]
+                                                for rr in T.unroll(R):
                                                     for v in T.unroll(VEC):
-                                                        acc[u] = acc[u] + T.Cast("float32", wv[v]) * T.Cast(
-                                                            "float32", x[ch.start(b) + tt * TT + u,
-                                                                         (i * LANES + lane) * VEC + v])
+                                                        acc[rr * TT + u] = acc[rr * TT + u] + T.Cast(
+                                                            "float32", wv[rr, i * VEC + v]) * T.Cast("float32", xv[v])
+                                    for rr in range(R):
                                         for u in range(TT):
-                                            warp_sum(acc, u, one, sum1, tot, lane)
-                                        if lane == 0:
-                                            for u in range(TT):
-                                                if tt * TT + u < ch.tokens(b, n_tok):
-                                                    h[ch.start(b) + tt * TT + u, j, c * W + w] = tot[u] / (
-                                                        T.float32(1) + T.exp(T.float32(0) - tot[u])) * T.Cast(
-                                                        "float32", gate[ch.start(b) + tt * TT + u, idx[b, j]])
+                                            if tt * TT + u < ch.tokens(b, n_tok):
+                                                warp_sum(acc, rr * TT + u, one, sum1, tot, lane)
+                                    if lane == 0:
+                                        for rr in range(R):
+                                            if (k * R + rr) * G + bx * W + w < cnt[b] * De:
+                                                for u in range(TT):
+                                                    if tt * TT + u < ch.tokens(b, n_tok):
+                                                        h[ch.start(b) + tt * TT + u,
+                                                          ((k * R + rr) * G + bx * W + w) // De,
+                                                          ((k * R + rr) * G + bx * W + w) % De] = tot[
+                                                            rr * TT + u] / (T.float32(1) + T.exp(
+                                                                T.float32(0) - tot[rr * TT + u])) * T.Cast(
+                                                            "float32", gate[ch.start(b) + tt * TT + u,
+                                                                            idx[b, ((k * R + rr) * G + bx * W + w)
+                                                                                // De]])
 
     return blockffn_sparse_up_gpu
+
+
+DOWN_ROWS_IN_FLIGHT = 4  # expert rows whose loads a warp of the down kernel issues before accumulating any
 
 
 def down_splits(E: int, De: int, d: int, dtype: str, chunk: int | None, warps: int = 8,
@@ -183,6 +214,7 @@ def down_kernel_gpu(E: int, De: int, d: int, dtype: str, warps: int = 8, chunk: 
     COLS = LANES * VEC
     W = warps
     TT = TOKEN_TILE
+    U = DOWN_ROWS_IN_FLIGHT
     KS = down_splits(E, De, d, dtype, chunk, warps, max_lanes=max_lanes)
 
     @T.prim_func(s_tir=True)
@@ -202,9 +234,10 @@ def down_kernel_gpu(E: int, De: int, d: int, dtype: str, warps: int = 8, chunk: 
                         for lane in T.thread_binding(LANES, thread="threadIdx.x"):
                             with T.sblock("down"):
                                 red = T.sblock_alloc_buffer((W, TT, COLS), "float32", scope="shared")
-                                wv = T.sblock_alloc_buffer((VEC,), dtype, scope="local")
+                                wv = T.sblock_alloc_buffer((U, VEC), dtype, scope="local")
                                 acc = T.sblock_alloc_buffer((TT, VEC), "float32", scope="local")
-                                hv = T.sblock_alloc_buffer((TT,), "float32", scope="local")
+                                hv = T.sblock_alloc_buffer((U, TT), "float32", scope="local")
+                                hs = T.sblock_alloc_buffer((1,), "float32", scope="local")
                                 rng = T.sblock_alloc_buffer((2,), "int32", scope="local")
                                 # this split's share [lo, hi) of the chunk's active (slot, row) pairs
                                 rng[0] = (cnt[b] * De + KS - 1) // KS
@@ -214,19 +247,25 @@ def down_kernel_gpu(E: int, De: int, d: int, dtype: str, warps: int = 8, chunk: 
                                     for u in T.unroll(TT):
                                         for v in T.unroll(VEC):
                                             acc[u, v] = T.float32(0)
-                                    for i in range((rng[1] - rng[0] + W - 1) // W):
-                                        if rng[0] + i * W + w < rng[1]:
-                                            for v in T.vectorized(VEC):
-                                                wv[v] = down[idx[b, (rng[0] + i * W + w) // De] * De
-                                                             + (rng[0] + i * W + w) % De, ct * COLS + lane * VEC + v]
-                                            for u in T.unroll(TT):
-                                                hv[u] = T.float32(0)
-                                                if tt * TT + u < ch.tokens(b, n_tok):
-                                                    hv[u] = h[ch.start(b) + tt * TT + u, (rng[0] + i * W + w) // De,
-                                                              (rng[0] + i * W + w) % De]
-                                            for u in T.unroll(TT):
-                                                for v in T.unroll(VEC):
-                                                    acc[u, v] = acc[u, v] + hv[u] * T.Cast("float32", wv[v])
+                                    for i in range((rng[1] - rng[0] + W * U - 1) // (W * U)):
+                                        for uu in T.unroll(U):  # U rows' loads issued before any is used
+                                            if rng[0] + (i * U + uu) * W + w < rng[1]:
+                                                for v in T.vectorized(VEC):
+                                                    wv[uu, v] = down[
+                                                        idx[b, (rng[0] + (i * U + uu) * W + w) // De] * De
+                                                        + (rng[0] + (i * U + uu) * W + w) % De, ct * COLS + lane * VEC + v]
+                                                for u in T.unroll(TT):
+                                                    hv[uu, u] = T.float32(0)
+                                                    if tt * TT + u < ch.tokens(b, n_tok):
+                                                        hv[uu, u] = h[ch.start(b) + tt * TT + u,
+                                                                      (rng[0] + (i * U + uu) * W + w) // De,
+                                                                      (rng[0] + (i * U + uu) * W + w) % De]
+                                        for uu in T.unroll(U):
+                                            if rng[0] + (i * U + uu) * W + w < rng[1]:
+                                                for u in T.unroll(TT):
+                                                    for v in T.unroll(VEC):
+                                                        acc[u, v] = acc[u, v] + hv[uu, u] * T.Cast("float32",
+                                                                                                   wv[uu, v])
                                     for u in T.unroll(TT):
                                         for v in T.unroll(VEC):
                                             red[w, u, lane * VEC + v] = acc[u, v]
@@ -235,12 +274,12 @@ def down_kernel_gpu(E: int, De: int, d: int, dtype: str, warps: int = 8, chunk: 
                                     for q in range((TT * COLS + W * LANES - 1) // (W * LANES)):
                                         if (q * W + w) * LANES + lane < TT * COLS:
                                             if tt * TT + ((q * W + w) * LANES + lane) // COLS < ch.tokens(b, n_tok):
-                                                hv[0] = T.float32(0)
+                                                hs[0] = T.float32(0)
                                                 for k in range(W):
-                                                    hv[0] = hv[0] + red[k, ((q * W + w) * LANES + lane) // COLS,
+                                                    hs[0] = hs[0] + red[k, ((q * W + w) * LANES + lane) // COLS,
                                                                          ((q * W + w) * LANES + lane) % COLS]
                                                 part[ks, ch.start(b) + tt * TT + ((q * W + w) * LANES + lane) // COLS,
-                                                     ct * COLS + ((q * W + w) * LANES + lane) % COLS] = hv[0]
+                                                     ct * COLS + ((q * W + w) * LANES + lane) % COLS] = hs[0]
                                     T.tvm_storage_sync("shared")
 
     return blockffn_sparse_down_gpu
