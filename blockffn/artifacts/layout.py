@@ -16,6 +16,9 @@ CHAT_ONLY_MODEL_KEYS = ("context_window_size", "prefill_chunk_size", "tensor_par
 
 # The unquantized weight layout of a library (the q4 one is blockffn.compiler.quantization.Q4_EXPERT_LAYOUT).
 DOWN_PROJ_TRANSPOSED = "model.layers.*.mlp.down_proj: HF [d, E*De] stored transposed as [E*De, d]"
+# Every library (vanilla attention): q, k and v are one GEMV per layer, two kernel launches fewer per decode step.
+FUSED_QKV = "model.layers.*.self_attn.qkv_proj: HF q_proj, k_proj, v_proj concatenated along the output rows"
+QKV_PARTS = ("q_proj", "k_proj", "v_proj")
 
 # --dtype name -> model (compute) dtype; q4* are group-quantized (blockffn.compiler.quantization)
 QUANTIZATIONS = {"q0f32": "float32", "q0f16": "float16", "q0bf16": "bfloat16", "q4f16_1": "float16",
@@ -107,6 +110,15 @@ def manifest_from_metadata(metadata: dict, library: str) -> dict:
                     memory_usage=metadata["memory_usage"])
     manifest.setdefault("draft", None)
     return manifest
+
+
+def library_sources(name: str) -> list[str]:
+    """The checkpoint tensors (HF names) one library tensor is made from, in order (HF-style library name,
+    before any quantization suffix)."""
+    if name.endswith("self_attn.qkv_proj.weight"):
+        base = name[: -len("qkv_proj.weight")]
+        return [base + part + ".weight" for part in QKV_PARTS]
+    return [name]
 
 
 def to_library_layout(name: str, tensor):

@@ -32,7 +32,8 @@ def weight_layout(quantization: str) -> dict:
     from blockffn.compiler.quantization import Q4_EXPERT_LAYOUT, scheme_for
 
     return {"names": "official HF names",
-            "transforms": [Q4_EXPERT_LAYOUT if scheme_for(quantization) is not None else layout.DOWN_PROJ_TRANSPOSED]}
+            "transforms": [Q4_EXPERT_LAYOUT if scheme_for(quantization) is not None else layout.DOWN_PROJ_TRANSPOSED,
+                           layout.FUSED_QKV]}
 
 
 def library_params(cfg: BlockFFNConfig, quantization: str) -> list[dict]:
@@ -76,7 +77,9 @@ def stream_library_tensors(source: TensorSource, params: list[dict], cfg: BlockF
     for p in params:
         name = p["name"]
         if name not in pending:
-            pending.update(library_tensors_of(hf_name(name), source.get(hf_name(name)), cfg, quantization))
+            parts = [source.get(n) for n in layout.library_sources(hf_name(name))]
+            tensor = parts[0] if len(parts) == 1 else _concat_rows(parts)
+            pending.update(library_tensors_of(hf_name(name), tensor, cfg, quantization))
         arr = pending.pop(name)
         if list(arr.shape) != p["shape"] or str(arr.dtype) != p["dtype"]:
             raise BlockFFNError(f"internal: {name} converts to {list(arr.shape)} {arr.dtype} but the library "
@@ -84,6 +87,12 @@ def stream_library_tensors(source: TensorSource, params: list[dict], cfg: BlockF
         yield name, arr
     if pending:
         raise BlockFFNError(f"internal: converted tensors {sorted(pending)} are not library parameters")
+
+
+def _concat_rows(parts):
+    import torch
+
+    return torch.cat(parts, dim=0)
 
 
 def weights_record(quantization: str, params: list[dict], source_dir: Path) -> dict:

@@ -200,18 +200,14 @@ class GQAAttention(nn.Module):
         self.layer_id = layer_id
         self.h, self.kvh, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.gqa_head_dim
         d = cfg.hidden_size
-        self.q_proj = linear(d, self.h * self.head_dim, dtype, scheme)
-        self.k_proj = linear(d, self.kvh * self.head_dim, dtype, scheme)
-        self.v_proj = linear(d, self.kvh * self.head_dim, dtype, scheme)
+        # q, k and v in one weight (layout.FUSED_QKV): one GEMV, and its output is already the cache's fused qkv
+        self.qkv_proj = linear(d, (self.h + 2 * self.kvh) * self.head_dim, dtype, scheme)
         self.o_proj = linear(self.h * self.head_dim, d, dtype, scheme)
 
     def forward(self, x: Tensor, kv: PagedKVCache) -> Tensor:
         b, s, _ = x.shape
-        q = op.reshape(self.q_proj(x), (b, s, self.h, self.head_dim))
-        k = op.reshape(self.k_proj(x), (b, s, self.kvh, self.head_dim))
-        v = op.reshape(self.v_proj(x), (b, s, self.kvh, self.head_dim))
-        o = kv.attention_with_fused_qkv(self.layer_id, op.concat([q, k, v], dim=2), self.h,
-                                        sm_scale=self.head_dim ** -0.5)
+        qkv = op.reshape(self.qkv_proj(x), (b, s, self.h + 2 * self.kvh, self.head_dim))
+        o = kv.attention_with_fused_qkv(self.layer_id, qkv, self.h, sm_scale=self.head_dim ** -0.5)
         return self.o_proj(op.reshape(o, (b, s, self.h * self.head_dim)))
 
 

@@ -7,7 +7,8 @@ function named in ``functions`` (e.g. ``decode``, ``batch_verify``) this pass re
 
     a0   = x · routerᵀ                      (Relax matmul; same router as the dense path)
     gate = RMSNorm(ReLU(a0)) ⊙ router_norm  (Relax)
-    idx, count = union(a0)                  (TIR: experts with a0 > 0 for any token of the call)
+    idx, count = union(a0)                  (TIR: experts with a0 > 0 for any token of the call; on GPUs one
+                                             `route` kernel computes gate, idx and count)
     h    = up(x, gate, up, idx, count)      (TIR: gathered up-projection, SiLU, per-token gate)
     y    = down(h, down_t, idx, count)      (TIR: gathered down-projection, fp32 accumulation)
 
@@ -30,6 +31,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, PyExprVisitor, mutator, visitor
 
 from blockffn.compiler.relax_model import BLOCKFFN_SUBROUTINE
+from blockffn.schedules import sparse_gpu
 
 SPARSE_SUFFIX = "_sparse"
 
@@ -111,7 +113,7 @@ def _build_sparse_twin(bb: relax.BlockBuilder, name: str, dense: relax.Function,
     f_union, f_up, f_down = (f.without_attr("global_symbol") for f in kernels)
     kind = "_q4" if quantized else ""
     tag = "" if chunk is None else f"_c{chunk}"
-    gv_union = bb.add_func(f_union, f"blockffn_union_e{E}{tag}")
+    gv_union = None if family == "gpu" else bb.add_func(f_union, f"blockffn_union_e{E}{tag}")
     gv_up = bb.add_func(f_up, f"blockffn_sparse_up{kind}_e{E}_de{De}_d{d}_{dtype}{tag}")
     gv_down = bb.add_func(f_down, f"blockffn_sparse_down{kind}_e{E}_de{De}_d{d}_{dtype}{tag}")
     splits = None  # GPU kernels: the down-projection is split-K partials plus a reduce that casts
@@ -127,10 +129,17 @@ def _build_sparse_twin(bb: relax.BlockBuilder, name: str, dense: relax.Function,
             n_chunks = 1 if chunk is None else (n + chunk - 1) // chunk
             x2 = bb.emit(relax.op.reshape(x, relax.ShapeExpr([n, d])))
             a0 = bb.emit(relax.op.matmul(x2, relax.op.permute_dims(w_router)))
-            gate = bb.emit(relax.op.nn.rms_norm(relax.op.nn.relu(a0), w_norm, axes=[-1], epsilon=eps))
-            union = bb.emit(relax.call_tir(gv_union, [a0], [relax.TensorType((n_chunks, E), "int32"),
-                                                            relax.TensorType((n_chunks,), "int32")]))
-            idx, count = bb.emit(relax.TupleGetItem(union, 0)), bb.emit(relax.TupleGetItem(union, 1))
+            union_types = [relax.TensorType((n_chunks, E), "int32"), relax.TensorType((n_chunks,), "int32")]
+            if family == "gpu":  # gate and union in one kernel
+                gv_route = bb.add_func(sparse_gpu.route_kernel(E, dtype, eps, chunk).without_attr("global_symbol"),
+                                       f"blockffn_route_e{E}_{dtype}{tag}")
+                route = bb.emit(relax.call_tir(gv_route, [a0, w_norm], [relax.TensorType((n, E), dtype)]
+                                               + union_types))
+                gate, idx, count = (bb.emit(relax.TupleGetItem(route, i)) for i in range(3))
+            else:
+                gate = bb.emit(relax.op.nn.rms_norm(relax.op.nn.relu(a0), w_norm, axes=[-1], epsilon=eps))
+                union = bb.emit(relax.call_tir(gv_union, [a0], union_types))
+                idx, count = bb.emit(relax.TupleGetItem(union, 0)), bb.emit(relax.TupleGetItem(union, 1))
             h = bb.emit(relax.call_tir(gv_up, [x2, gate, *w_up, idx, count],
                                        relax.TensorType([n, E, De], "float32")))
             if splits is None:

@@ -2,6 +2,7 @@
 
 Same contract as ``sparse_cpu`` (see its docstring; token chunks as in ``chunking``).  Grid layout:
 
+* ``route`` - ``union`` plus the router's gate (ReLU, RMSNorm) in the same block.
 * ``union`` - block per chunk, thread per expert: flags in shared memory, each active expert's slot is the count
   of active experts before it (no serial E×T scan by one thread: that alone cost more than a small layer's GEMVs).
 * ``up``    - a fixed grid of warps (one wave) strides over the chunk's active (slot, expert row) pairs, two rows
@@ -74,6 +75,76 @@ def union_kernel(E: int, dtype: str, chunk: int | None = None, threads: int = 25
                         cnt[b] = pos[0]
 
     return blockffn_union_gpu
+
+
+def route_kernel(E: int, dtype: str, eps: float, chunk: int | None = None, threads: int = 256):
+    """The router's gate and the union in one kernel (one launch per layer fewer than Relax's RMSNorm + ``union``):
+    block per chunk, a thread per expert.  Per token: ``gate = RMSNorm(ReLU(a0)) ⊙ router_norm`` (fp32, the sum of
+    squares by TVM's block allreduce), cast to the model dtype; then the union's slots as in `union_kernel`."""
+    zero = T.Cast(dtype, 0)
+    ch = Chunking(chunk)
+    NT = min(E, threads)
+    KE = (E + NT - 1) // NT
+
+    @T.prim_func(s_tir=True)
+    def blockffn_route_gpu(a0_h: T.handle, w_h: T.handle, gate_h: T.handle, idx_h: T.handle, cnt_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        n_tok = T.int64()
+        a0 = T.match_buffer(a0_h, (n_tok, E), dtype)
+        w = T.match_buffer(w_h, (E,), dtype)
+        gate = T.match_buffer(gate_h, (n_tok, E), dtype)
+        idx = T.match_buffer(idx_h, (ch.count(n_tok), E), "int32")
+        cnt = T.match_buffer(cnt_h, (ch.count(n_tok),), "int32")
+        for b in T.thread_binding(ch.count(n_tok), thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                with T.sblock("route"):
+                    flags = T.sblock_alloc_buffer((E,), "int32", scope="shared")
+                    f = T.sblock_alloc_buffer((KE,), "int32", scope="local")
+                    pos = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                    one = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    ss = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    for k in range(KE):
+                        f[k] = 0
+                    for t in range(ch.tokens(b, n_tok)):
+                        one[0] = T.float32(0)
+                        for k in range(KE):
+                            if k * NT + tx < E:
+                                one[0] = one[0] + T.max(T.Cast("float32", a0[ch.start(b) + t, k * NT + tx]),
+                                                        T.float32(0)) * T.max(
+                                    T.Cast("float32", a0[ch.start(b) + t, k * NT + tx]), T.float32(0))
+                                if a0[ch.start(b) + t, k * NT + tx] > zero:
+                                    f[k] = 1
+                        with T.sblock("sum_squares"):
+                            T.reads(one[0])
+                            T.writes(ss[0])
+                            T.attr(T.comm_reducer(lambda x, y: x + y, [T.float32(0)]), "reduce_scope", T.int32(0))
+                            T.tvm_thread_allreduce(T.uint32(1), one[0], True, ss[0], tx, dtype="void")
+                        for k in range(KE):
+                            if k * NT + tx < E:
+                                gate[ch.start(b) + t, k * NT + tx] = T.Cast(dtype, T.max(
+                                    T.Cast("float32", a0[ch.start(b) + t, k * NT + tx]), T.float32(0)) * T.rsqrt(
+                                    ss[0] / T.float32(E) + T.float32(eps)) * T.Cast("float32", w[k * NT + tx]))
+                    for k in range(KE):
+                        if k * NT + tx < E:
+                            flags[k * NT + tx] = f[k]
+                    T.tvm_storage_sync("shared")
+                    for k in range(KE):
+                        if k * NT + tx < E:
+                            pos[0] = 0
+                            for e in range(k * NT + tx):
+                                pos[0] = pos[0] + flags[e]
+                            if f[k] == 1:
+                                idx[b, pos[0]] = k * NT + tx
+                    pos[0] = 0
+                    for e in range(E):
+                        pos[0] = pos[0] + flags[e]
+                    for k in range(KE):
+                        if k * NT + tx < E and k * NT + tx >= pos[0]:
+                            idx[b, k * NT + tx] = 0
+                    if tx == 0:
+                        cnt[b] = pos[0]
+
+    return blockffn_route_gpu
 
 
 def _divisor(n: int, at_most: int) -> int:
@@ -191,7 +262,7 @@ def up_kernel_gpu(E: int, De: int, d: int, dtype: str, warps: int = 8, chunk: in
     return blockffn_sparse_up_gpu
 
 
-DOWN_ROWS_IN_FLIGHT = 4  # expert rows whose loads a warp of the down kernel issues before accumulating any
+DOWN_ROWS_IN_FLIGHT = 8  # expert rows whose loads a warp of the down kernel issues before accumulating any
 
 
 def down_splits(E: int, De: int, d: int, dtype: str, chunk: int | None, warps: int = 8,
