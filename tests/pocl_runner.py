@@ -209,9 +209,10 @@ class PoCLInterpreter:
     def _kernel(self, name: str, program: str):
         import pyopencl as cl
 
-        if name not in self._kernels:
-            self._kernels[name] = cl.Kernel(cl.Program(self.ctx, program).build(), name)
-        return self._kernels[name]
+        # keyed by the program too: kernels of different PrimFuncs may share a name
+        if (name, program) not in self._kernels:
+            self._kernels[(name, program)] = cl.Kernel(cl.Program(self.ctx, program).build(), name)
+        return self._kernels[(name, program)]
 
 
 def _numel(buffer):

@@ -194,3 +194,37 @@ def test_up_kernel_strides_over_more_rows_than_warps(device, T, count):
         want = z / (1 + np.exp(-z)) * gate[:, e:e + 1]
         np.testing.assert_allclose(h[:, j], want, rtol=1e-5, atol=1e-5)
     assert np.isnan(h[:, count:]).all()
+
+
+@pytest.fixture(scope="module")
+def verify_kernels(device):
+    """The tiny vanilla-attention model scheduled for the phone: verification's own low-row matmul kernels."""
+    from blockffn.compiler.relax_model import export_model
+
+    _, ctx, queue = device
+    target = get_target("android").tvm_target()
+    mod, _, _ = export_model(small_config("gqa"), "float32", target)
+    pipeline, _ = build_pipeline(target, {}, {"seq_len": 64, "batch_size": 4, "total_seq_len": 256},
+                                 schedule_passes=schedule_passes(target), through="schedule")
+    with target:
+        scheduled = pipeline(mod)
+    return scheduled, PoCLInterpreter(scheduled, target, ctx, queue)
+
+
+@pytest.mark.parametrize("T", [1, 3, 8, 13])
+def test_verify_low_row_kernels_match_the_prefill_kernels(verify_kernels, T):
+    """Each ``*_rows8`` kernel (dlight's LowBatchGEMV, `blockffn.schedules.low_batch`) computes what the kernel it
+    was copied from computes under the GEMM schedule prefill keeps, for row counts below, at and above 8."""
+    mod, run = verify_kernels
+    low = [gv.name_hint for gv in mod.functions if gv.name_hint.endswith("_rows8")]
+    assert len(low) >= 2  # at least the attention projections (the LM head shares one of their kernels in fp32)
+    rng = np.random.default_rng(T)
+    for name in low:
+        func = mod[name]
+        shapes = [[int(s) if isinstance(s, tvm.tirx.IntImm) else T for s in p.ty.shape] for p in func.params]
+        dtypes = [str(p.ty.dtype) for p in func.params]
+        inputs = [rng.standard_normal(s).astype(t) for s, t in zip(shapes[:-1], dtypes[:-1])]
+        got, want = (np.full(shapes[-1], np.nan, dtypes[-1]) for _ in range(2))
+        run.run_primfunc(name, inputs, [got])
+        run.run_primfunc(name[: -len("_rows8")], inputs, [want])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=name)

@@ -5,7 +5,8 @@ Order (each phase a list so the artifact manifest can record every pass by name)
   graph     - blockffn Relax passes (sparse lowering etc., supplied by the caller) + FuseTransposeMatmul
   dispatch  - TVM library dispatch (sampling, sort/scan)
   legalize  - LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
-  schedule  - schedules from a tuning database (``tuned_passes``), then the backend's own default schedules (TVM's
+  schedule  - schedules from a tuning database (``tuned_passes``), then low-row specializations of symbolic-row
+              matmuls (GPUs), then the backend's own default schedules (TVM's
               GPU legalize lists end with dlight), then the caller's (our dlight rules); each skips what an
               earlier one scheduled
   lower     - dataflow lowering, StaticPlanBlockMemory, then AttachMetadata (memory usage of every function,
@@ -107,6 +108,8 @@ def build_pipeline(target: tvm.target.Target, metadata: dict, bounds: dict[str, 
     """Returns (pipeline pass, [pass names in order]).  ``through`` stops after that phase (e.g. "schedule": the
     scheduled Relax + TIR module, before VM lowering, which tests run kernel by kernel); ``after`` starts after
     that phase (e.g. "legalize": continue a module that was tuned after legalization)."""
+    from blockffn.schedules.dlight_rules import specialization_passes
+
     P = _backend_pipeline(target)
     legalize = P.legalize_passes(target)
     fused = next(i for i, p in enumerate(legalize) if p.info.name == "FuseTIR") + 1
@@ -115,7 +118,7 @@ def build_pipeline(target: tvm.target.Target, metadata: dict, bounds: dict[str, 
         list(graph_passes or []) + [fuse_transpose_matmul()],
         P.library_dispatch_passes(target),
         legalize[:fused],
-        list(tuned_passes or []) + legalize[fused:] + list(schedule_passes or []),
+        list(tuned_passes or []) + specialization_passes(target) + legalize[fused:] + list(schedule_passes or []),
         P.dataflow_lower_passes(target),
     ]
     finalize = P.finalize_passes(target)

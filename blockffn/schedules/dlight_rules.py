@@ -61,14 +61,31 @@ def reduction_rules_guarded():
             cls.apply = original
 
 
-def gpu_schedule_passes(target) -> list:
+def _gpu_rules(target) -> list:
     from tvm.s_tir import dlight as dl
 
     rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction()]
     if target.kind.name != "metal":
         rules.append(dl.gpu.RMSNorm())
     rules.append(dl.gpu.Fallback())
-    return [dl.ApplyDefaultSchedule(*rules)]
+    return rules
+
+
+def gpu_schedule_passes(target) -> list:
+    from tvm.s_tir import dlight as dl
+
+    return [dl.ApplyDefaultSchedule(*_gpu_rules(target))]
+
+
+def specialization_passes(target) -> list:
+    """Passes that schedule kernels right after fusion, before the backend's own dlight pass: verification's
+    matmuls get low-row GEMV copies (`blockffn.schedules.low_batch`).  GPUs except Metal (whose codegen the 0.27
+    GEMV schedules do not always satisfy); none on CPUs."""
+    if target.kind.name in ("llvm", "metal"):
+        return []
+    from blockffn.schedules.low_batch import VerifyRowsGEMV
+
+    return [VerifyRowsGEMV()]
 
 
 def schedule_passes(target) -> list:
