@@ -19,14 +19,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from blockffn.relax_passes.lower_sparse_ffn import add_gpu_reduce, blockffn_functions, router_eps
-
-
-def _static_tokens(x_ty) -> int | None:
-    dims = x_ty.shape.values[:-1]
-    if not all(isinstance(v, tvm.tirx.IntImm) for v in dims):
-        return None
-    return int(np.prod([int(v) for v in dims]))
+from blockffn.relax_passes.lower_sparse_ffn import add_gpu_reduce, blockffn_functions, router_eps, static_tokens
 
 
 def _dense_decode_body(bb: relax.BlockBuilder, name: str, dense: relax.Function, max_lanes: int) -> relax.Function:
@@ -36,9 +29,11 @@ def _dense_decode_body(bb: relax.BlockBuilder, name: str, dense: relax.Function,
     E, d = (int(v) for v in router_ty.shape)
     De = int(up_ty.shape[0]) // E
     dtype = str(x_ty.dtype)
-    n = _static_tokens(x_ty)
-    f_down = sparse_gpu.down_kernel_gpu(E, De, d, dtype, max_lanes=max_lanes).without_attr("global_symbol")
-    gv_down = bb.add_func(f_down, f"blockffn_sparse_down_e{E}_de{De}_d{d}_{dtype}")  # shared with the sparse twin
+    n = static_tokens(x_ty)
+    tile = sparse_gpu.token_tile(n)
+    f_down = sparse_gpu.down_kernel_gpu(E, De, d, dtype, max_lanes=max_lanes, token_tile=tile)
+    # the same kernel as the sparse decode twin's (added once)
+    gv_down = bb.add_func(f_down.without_attr("global_symbol"), f"blockffn_sparse_down_e{E}_de{De}_d{d}_{dtype}_t{tile}")
     splits, gv_reduce = add_gpu_reduce(bb, E, De, d, dtype, None, False, max_lanes)
     idx = relax.const(np.arange(E, dtype="int32")[None, :])
     count = relax.const(np.array([E], dtype="int32"))
@@ -71,7 +66,7 @@ class LowerBlockFFNDenseDecodeGPU:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         chosen = {gv: f for gv, f in blockffn_functions(mod).items()
-                  if len(f.params) == 5 and (_static_tokens(f.params[0].ty) or self.max_tokens + 1) <= self.max_tokens}
+                  if len(f.params) == 5 and (static_tokens(f.params[0].ty) or self.max_tokens + 1) <= self.max_tokens}
         if not chosen:
             return mod
         bb = relax.BlockBuilder(mod)

@@ -63,7 +63,19 @@ def router_eps(func: relax.Function) -> float:
     return v.eps
 
 
-def _kernels(family: str, E: int, De: int, d: int, dtype: str, chunk: int | None, max_lanes: int = 8):
+def static_tokens(x_ty) -> int | None:
+    """Tokens of a call whose shape is static (decode: 1), else None."""
+    dims = x_ty.shape.values[:-1]
+    if not all(isinstance(v, tvm.tirx.IntImm) for v in dims):
+        return None
+    n = 1
+    for v in dims:
+        n *= int(v)
+    return n
+
+
+def _kernels(family: str, E: int, De: int, d: int, dtype: str, chunk: int | None, max_lanes: int = 8,
+             tile: int = sparse_gpu.TOKEN_TILE):
     if family == "cpu":
         from blockffn.schedules import sparse_cpu as k
 
@@ -72,8 +84,9 @@ def _kernels(family: str, E: int, De: int, d: int, dtype: str, chunk: int | None
     if family == "gpu":
         from blockffn.schedules import sparse_gpu as k
 
-        return (k.union_kernel(E, dtype, chunk), k.up_kernel_gpu(E, De, d, dtype, chunk=chunk, max_lanes=max_lanes),
-                k.down_kernel_gpu(E, De, d, dtype, chunk=chunk, max_lanes=max_lanes))
+        return (k.union_kernel(E, dtype, chunk),
+                k.up_kernel_gpu(E, De, d, dtype, chunk=chunk, max_lanes=max_lanes),  # (a tile of 1 measured slower)
+                k.down_kernel_gpu(E, De, d, dtype, chunk=chunk, max_lanes=max_lanes, token_tile=tile))
     raise ValueError(f"no sparse kernels for target family {family!r}")
 
 
@@ -108,11 +121,12 @@ def _build_sparse_twin(bb: relax.BlockBuilder, name: str, dense: relax.Function,
     dtype = str(x_ty.dtype)
     eps = router_eps(dense)
     # kernels are private (no global_symbol) so the same kernel added for several layers' twins is deduplicated
-    kernels = _q4_kernels(family, E, De, d, dtype, chunk) if quantized else _kernels(family, E, De, d, dtype, chunk,
-                                                                                        max_lanes)
+    tile = sparse_gpu.token_tile(static_tokens(x_ty))
+    kernels = (_q4_kernels(family, E, De, d, dtype, chunk) if quantized
+               else _kernels(family, E, De, d, dtype, chunk, max_lanes, tile))
     f_union, f_up, f_down = (f.without_attr("global_symbol") for f in kernels)
     kind = "_q4" if quantized else ""
-    tag = "" if chunk is None else f"_c{chunk}"
+    tag = ("" if chunk is None else f"_c{chunk}") + ("" if quantized or tile == sparse_gpu.TOKEN_TILE else f"_t{tile}")
     gv_union = None if family == "gpu" else bb.add_func(f_union, f"blockffn_union_e{E}{tag}")
     gv_up = bb.add_func(f_up, f"blockffn_sparse_up{kind}_e{E}_de{De}_d{d}_{dtype}{tag}")
     gv_down = bb.add_func(f_down, f"blockffn_sparse_down{kind}_e{E}_de{De}_d{d}_{dtype}{tag}")

@@ -156,6 +156,11 @@ WARP = 32
 TOKEN_TILE = 4  # tokens accumulated per pass over a weight row (registers: TOKEN_TILE x VEC floats per lane)
 
 
+def token_tile(static_tokens: int | None) -> int:
+    """Token tile of a call: the whole call when its token count is static and smaller (decode: 1)."""
+    return TOKEN_TILE if static_tokens is None else max(1, min(TOKEN_TILE, static_tokens))
+
+
 def vector_width(d: int, dtype: str, max_lanes: int = 8) -> int:
     """Elements per 16-byte load that tile ``d`` exactly across a warp (falls back to narrower loads);
     ``max_lanes``: the widest vector type of the target language (Metal has no 8-lane types)."""
@@ -181,7 +186,7 @@ ROWS_IN_FLIGHT = 2  # expert rows a warp loads before reducing any (more indepen
 
 
 def up_kernel_gpu(E: int, De: int, d: int, dtype: str, warps: int = 8, chunk: int | None = None,
-                  max_lanes: int = 8, blocks: int = UP_BLOCKS):
+                  max_lanes: int = 8, blocks: int = UP_BLOCKS, token_tile: int = TOKEN_TILE):
     """A fixed grid of warps strides over the chunk's ``count·De`` active (slot, row) pairs, ``ROWS_IN_FLIGHT``
     rows at a time: each lane loads its VEC-element pieces of those rows (16-byte loads) into registers, then per
     4-token tile computes one dot product per (row, token), summed across the warp by TVM's allreduce (only for
@@ -196,7 +201,7 @@ def up_kernel_gpu(E: int, De: int, d: int, dtype: str, warps: int = 8, chunk: in
     NB = max(1, min(blocks, (E * De + W - 1) // W))
     G = NB * W  # warps of a chunk
     R = ROWS_IN_FLIGHT
-    TT = TOKEN_TILE
+    TT = token_tile  # 1 for a single-token call known at compile time (decode): no padded token work
 
     @T.prim_func(s_tir=True)
     def blockffn_sparse_up_gpu(x_h: T.handle, gate_h: T.handle, up_h: T.handle, idx_h: T.handle, cnt_h: T.handle,
@@ -276,7 +281,7 @@ def down_splits(E: int, De: int, d: int, dtype: str, chunk: int | None, warps: i
 
 
 def down_kernel_gpu(E: int, De: int, d: int, dtype: str, warps: int = 8, chunk: int | None = None,
-                    max_lanes: int = 8):
+                    max_lanes: int = 8, token_tile: int = TOKEN_TILE):
     """Split-K partial sums of the gathered down-projection: ``part[k, t, :] = Σ h[t, slot, r] ·
     down[idx[slot]·De + r, :]`` over the k-th share of the chunk's ``count·De`` (slot, row) pairs."""
     ch = Chunking(chunk)
@@ -284,7 +289,7 @@ def down_kernel_gpu(E: int, De: int, d: int, dtype: str, warps: int = 8, chunk: 
     LANES = WARP if d % WARP == 0 else 1
     COLS = LANES * VEC
     W = warps
-    TT = TOKEN_TILE
+    TT = token_tile  # 1 for a single-token call known at compile time (decode): no padded token work
     U = DOWN_ROWS_IN_FLIGHT
     KS = down_splits(E, De, d, dtype, chunk, warps, max_lanes=max_lanes)
 
