@@ -12,12 +12,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from blockffn.artifacts.layout import LEGACY_TENSOR_CACHE, TENSOR_CACHE
 
 
-def to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
+def to_numpy(t, dtype: str) -> np.ndarray:
+    """A torch tensor as a numpy array of ``dtype`` (compile side; the runtime never imports PyTorch)."""
+    import torch
+
     if dtype == "bfloat16":
         import ml_dtypes
 

@@ -6,22 +6,12 @@ This is the eager baseline that compiled artifacts are compared against, token f
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
 from blockffn.errors import BlockFFNError
 from blockffn.model.modeling import BlockFFNForCausalLM, KVCache
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 64
-    temperature: float = 0.8
-    top_p: float = 0.95
-    greedy: bool = False
-    seed: int = 0
-    stop_at_eos: bool = True
+from blockffn.sampling_params import SamplingParams  # noqa: F401 - re-exported (the PyTorch path's options)
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:

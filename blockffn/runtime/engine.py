@@ -13,7 +13,7 @@ import numpy as np
 
 from blockffn.artifacts.reader import Artifact, ArtifactError, open_artifact
 from blockffn.errors import BlockFFNError
-from blockffn.model.generate import SamplingParams
+from blockffn.sampling_params import SamplingParams
 
 
 def _device(kind: str):

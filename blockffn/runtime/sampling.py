@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from blockffn.model.generate import SamplingParams
+from blockffn.sampling_params import SamplingParams
 
 
 @dataclass

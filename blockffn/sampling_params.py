@@ -1,0 +1,16 @@
+"""Sampling options shared by the PyTorch reference (`blockffn.model.generate`) and the compiled runtime
+(`blockffn.runtime`); a module of its own so that the runtime does not import PyTorch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.8
+    top_p: float = 0.95
+    greedy: bool = False
+    seed: int = 0
+    stop_at_eos: bool = True
