@@ -17,7 +17,7 @@ from blockffn.compiler.relax_model import SingleBlockFFN
 from blockffn.model import load_model
 from blockffn.relax_passes.lower_dense_ffn import LowerBlockFFNDenseDecodeGPU
 from blockffn.relax_passes.lower_sparse_ffn import LowerBlockFFNSparse
-from blockffn.schedules.dlight_rules import schedule_passes
+from blockffn.schedules.dlight_rules import reduction_rules_guarded, schedule_passes
 from blockffn.targets import get_target
 from tests.conftest import small_config
 from tests.pocl_runner import PoCLInterpreter, kernel_names, kernel_programs, opencl_sources
@@ -136,10 +136,10 @@ def q4_ffn_on_device(request, device):
     scheme = SCHEMES["q4f32_1"]
     target = get_target("android").tvm_target()
     cfg = small_config()
-    mod, _ = SingleBlockFFN(cfg, scheme.dtype, scheme).export()
-    mod = LowerBlockFFNSparse({"sparse": request.param}, family="gpu")(mod)
+    mod, _ = SingleBlockFFN(cfg, scheme.dtype, scheme).export(decode_entries=True)
+    mod = LowerBlockFFNSparse({"sparse": request.param, "sparse_decode": None}, family="gpu")(mod)
     pipeline, _ = build_pipeline(target, {}, {"n": 64}, schedule_passes=schedule_passes(target), through="schedule")
-    with target:
+    with target, reduction_rules_guarded():  # as blockffn-compile lowers GPU targets
         scheduled = pipeline(mod)
     return cfg, scheme, PoCLInterpreter(scheduled, target, ctx, queue)
 
@@ -168,6 +168,11 @@ def test_q4_sparse_kernels_on_opencl_match_dequantized_numpy(q4_ffn_on_device, T
         assert not sparse.any()
         return
     assert np.abs(sparse - ref).max() / np.abs(ref).max() <= 1e-5
+    if T == 1:  # the static single-token entry (decode): kernels with a token tile of 1
+        launched = len(run.launched)
+        decode = run("sparse_decode", x[None], (w_r, w_n, up_q, up_s, down_q, down_s))[0]
+        assert any(k.startswith("blockffn_sparse_down_q4") and "_t1" in k for k in run.launched[launched:])
+        assert np.abs(decode - ref).max() / np.abs(ref).max() <= 1e-5
 
 
 @pytest.mark.parametrize("T,count", [(1, 5), (3, 8), (6, 1)])

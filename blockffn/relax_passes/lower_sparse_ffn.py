@@ -90,7 +90,8 @@ def _kernels(family: str, E: int, De: int, d: int, dtype: str, chunk: int | None
     raise ValueError(f"no sparse kernels for target family {family!r}")
 
 
-def _q4_kernels(family: str, E: int, De: int, d: int, dtype: str, chunk: int | None):
+def _q4_kernels(family: str, E: int, De: int, d: int, dtype: str, chunk: int | None,
+                tile: int = sparse_gpu.TOKEN_TILE):
     from blockffn.schedules import sparse_q4 as q4
 
     if family not in ("cpu", "gpu"):
@@ -98,7 +99,8 @@ def _q4_kernels(family: str, E: int, De: int, d: int, dtype: str, chunk: int | N
     union = _kernels(family, E, De, d, dtype, chunk)[0]
     if family == "cpu":
         return union, q4.up_kernel_cpu(E, De, d, dtype, chunk=chunk), q4.down_kernel_cpu(E, De, d, dtype, chunk=chunk)
-    return union, q4.up_kernel_gpu(E, De, d, dtype, chunk=chunk), q4.down_kernel_gpu(E, De, d, dtype, chunk=chunk)
+    return (union, q4.up_kernel_gpu(E, De, d, dtype, chunk=chunk, token_tile=tile),
+            q4.down_kernel_gpu(E, De, d, dtype, chunk=chunk, token_tile=tile))
 
 
 def add_gpu_reduce(bb: relax.BlockBuilder, E: int, De: int, d: int, dtype: str, chunk: int | None,
@@ -122,11 +124,11 @@ def _build_sparse_twin(bb: relax.BlockBuilder, name: str, dense: relax.Function,
     eps = router_eps(dense)
     # kernels are private (no global_symbol) so the same kernel added for several layers' twins is deduplicated
     tile = sparse_gpu.token_tile(static_tokens(x_ty))
-    kernels = (_q4_kernels(family, E, De, d, dtype, chunk) if quantized
+    kernels = (_q4_kernels(family, E, De, d, dtype, chunk, tile) if quantized
                else _kernels(family, E, De, d, dtype, chunk, max_lanes, tile))
     f_union, f_up, f_down = (f.without_attr("global_symbol") for f in kernels)
     kind = "_q4" if quantized else ""
-    tag = ("" if chunk is None else f"_c{chunk}") + ("" if quantized or tile == sparse_gpu.TOKEN_TILE else f"_t{tile}")
+    tag = ("" if chunk is None else f"_c{chunk}") + ("" if tile == sparse_gpu.TOKEN_TILE else f"_t{tile}")
     gv_union = None if family == "gpu" else bb.add_func(f_union, f"blockffn_union_e{E}{tag}")
     gv_up = bb.add_func(f_up, f"blockffn_sparse_up{kind}_e{E}_de{De}_d{d}_{dtype}{tag}")
     gv_down = bb.add_func(f_down, f"blockffn_sparse_down{kind}_e{E}_de{De}_d{d}_{dtype}{tag}")

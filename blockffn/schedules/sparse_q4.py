@@ -139,7 +139,8 @@ def _words_per_load(words: int) -> int:
     return next((v for v in (4, 2) if words % (WARP * v) == 0), 1)
 
 
-def up_kernel_gpu(E: int, De: int, d: int, dtype: str, chunk: int | None = None, warps: int = 8):
+def up_kernel_gpu(E: int, De: int, d: int, dtype: str, chunk: int | None = None, warps: int = 8,
+                  token_tile: int = TOKEN_TILE):
     """Block (slot j, ``warps`` expert rows, chunk); a warp per row, each lane loading 4 words (32 weights, one
     scale group) per step; a 4-token tile of dot products summed across the warp by TVM's allreduce."""
     ch = Chunking(chunk)
@@ -148,7 +149,7 @@ def up_kernel_gpu(E: int, De: int, d: int, dtype: str, chunk: int | None = None,
     VW = _words_per_load(WORDS) if LANES == WARP else 1
     STEPS = WORDS // (LANES * VW)
     W = next(v for v in range(min(De, warps), 0, -1) if De % v == 0)
-    TT = TOKEN_TILE
+    TT = token_tile  # 1 for decode: no per-nibble test of absent tokens
 
     @T.prim_func(s_tir=True)
     def blockffn_sparse_up_q4_gpu(x_h: T.handle, gate_h: T.handle, q_h: T.handle, s_h: T.handle,
@@ -191,7 +192,8 @@ def up_kernel_gpu(E: int, De: int, d: int, dtype: str, chunk: int | None = None,
                                                                 ch.start(b) + tt * TT + u,
                                                                 ((i * LANES + lane) * VW + v) * PER_WORD + k])
                                         for u in range(TT):
-                                            warp_sum(acc, u, one, sum1, tot, lane)
+                                            if tt * TT + u < ch.tokens(b, n_tok):
+                                                warp_sum(acc, u, one, sum1, tot, lane)
                                         if lane == 0:
                                             for u in range(TT):
                                                 if tt * TT + u < ch.tokens(b, n_tok):
@@ -210,7 +212,8 @@ def down_splits_gpu(E: int, d: int, chunk: int | None, threads: int = 128, targe
     return max(1, min(E, target_blocks // blocks))
 
 
-def down_kernel_gpu(E: int, De: int, d: int, dtype: str, chunk: int | None = None, threads: int = 128):
+def down_kernel_gpu(E: int, De: int, d: int, dtype: str, chunk: int | None = None, threads: int = 128,
+                    token_tile: int = TOKEN_TILE):
     """Split-K partial sums over the chunk's active slots: block (output block, slot split, chunk), a thread per
     output feature decoding its ``De``-long row of each slot (16-byte loads; a warp reads 32 adjacent rows, i.e.
     one contiguous stretch of the expert's slab); ``part[k, t, o]``, summed by ``sparse_gpu.reduce_kernel_gpu``."""
@@ -219,7 +222,7 @@ def down_kernel_gpu(E: int, De: int, d: int, dtype: str, chunk: int | None = Non
     WR = De // PER_WORD
     VW = next((v for v in (4, 2) if WR % v == 0), 1)
     KS = down_splits_gpu(E, d, chunk, threads)
-    TT = TOKEN_TILE
+    TT = token_tile  # 1 for decode: no per-nibble test of absent tokens
 
     @T.prim_func(s_tir=True)
     def blockffn_sparse_down_q4_gpu(h_h: T.handle, q_h: T.handle, s_h: T.handle, idx_h: T.handle,
