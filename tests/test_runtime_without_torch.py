@@ -14,7 +14,7 @@ import importlib.abc, sys
 class _NoTorch(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name == "torch" or name.startswith("torch."):
-            raise ImportError("No module named 'torch' (blocked: the runtime must not need it)")
+            raise ModuleNotFoundError("No module named 'torch' (blocked: the runtime must not need it)", name="torch")
 sys.meta_path.insert(0, _NoTorch())
 """
 RUN_CLI = "from blockffn.cli import main; sys.argv[0] = 'blockffn'; main()"
@@ -65,3 +65,10 @@ def test_chat_and_bench_run_without_torch(artifact):
     bench = run(["bench", "--artifact", artifact, "--max-tokens", "8"], block=True)
     assert bench.returncode == 0, bench.stderr[-2000:]
     assert "dense-AR" in bench.stdout
+
+
+def test_model_commands_without_torch_say_which_extra_to_install():
+    r = run(["init", "--preset", "tiny", "-o", "unused-output-dir"], block=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    assert "pip install 'blockffn[compile]'" in r.stderr

@@ -21,6 +21,8 @@ from blockffn.errors import BlockFFNError
 
 __all__ = ["cli", "compile_main", "main"]
 
+EXTRAS = {"torch": "compile", "safetensors": "compile"}  # optional packages -> the extra that installs them
+
 
 def _run(command: click.Command, argv, prog_name: str) -> None:
     """Run a Click command; user errors become one line on stderr and a non-zero exit."""
@@ -36,6 +38,13 @@ def _run(command: click.Command, argv, prog_name: str) -> None:
     except BlockFFNError as e:
         _echo_err(str(e))
         sys.exit(1)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in EXTRAS:
+            raise
+        # the runtime installs without PyTorch (deploy machines); model, compile and train commands need it
+        name = e.name.split(".")[0]
+        _echo_err(f"this command needs {name}, which is not installed: pip install 'blockffn[{EXTRAS[name]}]'")
+        sys.exit(2)
     except KeyboardInterrupt:
         _echo_err(f"interrupted after {time.time() - start:.0f}s")
         sys.exit(130)
