@@ -76,6 +76,7 @@ def static_tokens(x_ty) -> int | None:
 
 def _kernels(family: str, E: int, De: int, d: int, dtype: str, chunk: int | None, max_lanes: int = 8,
              tile: int = sparse_gpu.TOKEN_TILE):
+    """(union, up, down) PrimFuncs; GPUs have no separate union (their `route` kernel computes it with the gate)."""
     if family == "cpu":
         from blockffn.schedules import sparse_cpu as k
 
@@ -84,7 +85,7 @@ def _kernels(family: str, E: int, De: int, d: int, dtype: str, chunk: int | None
     if family == "gpu":
         from blockffn.schedules import sparse_gpu as k
 
-        return (k.union_kernel(E, dtype, chunk),
+        return (None,
                 k.up_kernel_gpu(E, De, d, dtype, chunk=chunk, max_lanes=max_lanes),  # (a tile of 1 measured slower)
                 k.down_kernel_gpu(E, De, d, dtype, chunk=chunk, max_lanes=max_lanes, token_tile=tile))
     raise ValueError(f"no sparse kernels for target family {family!r}")
@@ -126,12 +127,13 @@ def _build_sparse_twin(bb: relax.BlockBuilder, name: str, dense: relax.Function,
     tile = sparse_gpu.token_tile(static_tokens(x_ty))
     kernels = (_q4_kernels(family, E, De, d, dtype, chunk, tile) if quantized
                else _kernels(family, E, De, d, dtype, chunk, max_lanes, tile))
-    f_union, f_up, f_down = (f.without_attr("global_symbol") for f in kernels)
+    f_union, f_up, f_down = (f if f is None else f.without_attr("global_symbol") for f in kernels)
     kind = "_q4" if quantized else ""
-    tag = ("" if chunk is None else f"_c{chunk}") + ("" if tile == sparse_gpu.TOKEN_TILE else f"_t{tile}")
+    tag = "" if chunk is None else f"_c{chunk}"
+    ktag = tag + ("" if family != "gpu" or tile == sparse_gpu.TOKEN_TILE else f"_t{tile}")  # kernel names
     gv_union = None if family == "gpu" else bb.add_func(f_union, f"blockffn_union_e{E}{tag}")
-    gv_up = bb.add_func(f_up, f"blockffn_sparse_up{kind}_e{E}_de{De}_d{d}_{dtype}{tag}")
-    gv_down = bb.add_func(f_down, f"blockffn_sparse_down{kind}_e{E}_de{De}_d{d}_{dtype}{tag}")
+    gv_up = bb.add_func(f_up, f"blockffn_sparse_up{kind}_e{E}_de{De}_d{d}_{dtype}{ktag}")
+    gv_down = bb.add_func(f_down, f"blockffn_sparse_down{kind}_e{E}_de{De}_d{d}_{dtype}{ktag}")
     splits = None  # GPU kernels: the down-projection is split-K partials plus a reduce that casts
     if family == "gpu":
         splits, gv_reduce = add_gpu_reduce(bb, E, De, d, dtype, chunk, quantized, max_lanes)
@@ -148,7 +150,7 @@ def _build_sparse_twin(bb: relax.BlockBuilder, name: str, dense: relax.Function,
             union_types = [relax.TensorType((n_chunks, E), "int32"), relax.TensorType((n_chunks,), "int32")]
             if family == "gpu":  # gate and union in one kernel
                 gv_route = bb.add_func(sparse_gpu.route_kernel(E, dtype, eps, chunk).without_attr("global_symbol"),
-                                       f"blockffn_route_e{E}_{dtype}{tag}")
+                                       f"blockffn_route_e{E}_{dtype}{tag}")  # (no token tile)
                 route = bb.emit(relax.call_tir(gv_route, [a0, w_norm], [relax.TensorType((n, E), dtype)]
                                                + union_types))
                 gate, idx, count = (bb.emit(relax.TupleGetItem(route, i)) for i in range(3))

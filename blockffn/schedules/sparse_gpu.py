@@ -2,9 +2,9 @@
 
 Same contract as ``sparse_cpu`` (see its docstring; token chunks as in ``chunking``).  Grid layout:
 
-* ``route`` - ``union`` plus the router's gate (ReLU, RMSNorm) in the same block.
-* ``union`` - block per chunk, thread per expert: flags in shared memory, each active expert's slot is the count
-  of active experts before it (no serial E×T scan by one thread: that alone cost more than a small layer's GEMVs).
+* ``route`` - block per chunk, thread per expert: the router's gate (ReLU, RMSNorm) and the union; flags in shared
+  memory, each active expert's slot is the count of active experts before it (no serial E×T scan by one thread:
+  that alone cost more than a small layer's GEMVs).
 * ``up``    - a fixed grid of warps (one wave) strides over the chunk's active (slot, expert row) pairs, two rows
   at a time; a warp reads a row with 16-byte vector loads (512 contiguous bytes per step) into registers, then keeps
   one partial dot product per token of a 4-token tile and sums them with TVM's cross-thread allreduce (warp shuffles
@@ -25,62 +25,11 @@ from tvm.script import tirx as T
 from blockffn.schedules.chunking import Chunking
 
 
-def union_kernel(E: int, dtype: str, chunk: int | None = None, threads: int = 256):
-    """Block per chunk, a thread per expert (striding past ``threads``): each thread tests its expert over the
-    chunk's tokens (coalesced across threads), flags go to shared memory, and each active expert's slot is the
-    number of active experts before it.  Slots ≥ count are zeroed by their own thread, so no two threads write
-    the same entry."""
-    zero = T.Cast(dtype, 0)
-    ch = Chunking(chunk)
-    NT = min(E, threads)
-    KE = (E + NT - 1) // NT
-
-    @T.prim_func(s_tir=True)
-    def blockffn_union_gpu(a0_h: T.handle, idx_h: T.handle, cnt_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        n_tok = T.int64()
-        a0 = T.match_buffer(a0_h, (n_tok, E), dtype)
-        idx = T.match_buffer(idx_h, (ch.count(n_tok), E), "int32")
-        cnt = T.match_buffer(cnt_h, (ch.count(n_tok),), "int32")
-        for b in T.thread_binding(ch.count(n_tok), thread="blockIdx.x"):
-            for tx in T.thread_binding(NT, thread="threadIdx.x"):
-                with T.sblock("union"):
-                    flags = T.sblock_alloc_buffer((E,), "int32", scope="shared")
-                    f = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                    pos = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                    for k in range(KE):
-                        if k * NT + tx < E:
-                            f[0] = 0
-                            for t in range(ch.tokens(b, n_tok)):
-                                if a0[ch.start(b) + t, k * NT + tx] > zero:
-                                    f[0] = 1
-                            flags[k * NT + tx] = f[0]
-                    T.tvm_storage_sync("shared")
-                    for k in range(KE):
-                        if k * NT + tx < E:
-                            pos[0] = 0
-                            for e in range(k * NT + tx):
-                                pos[0] = pos[0] + flags[e]
-                            f[0] = flags[k * NT + tx]  # (TVM's sync planner rejects shared loads in conditions)
-                            if f[0] == 1:
-                                idx[b, pos[0]] = k * NT + tx
-                    # entries past the count: zero (the active experts' slots are all below it)
-                    pos[0] = 0
-                    for e in range(E):
-                        pos[0] = pos[0] + flags[e]
-                    for k in range(KE):
-                        if k * NT + tx < E and k * NT + tx >= pos[0]:
-                            idx[b, k * NT + tx] = 0
-                    if tx == 0:
-                        cnt[b] = pos[0]
-
-    return blockffn_union_gpu
-
-
 def route_kernel(E: int, dtype: str, eps: float, chunk: int | None = None, threads: int = 256):
-    """The router's gate and the union in one kernel (one launch per layer fewer than Relax's RMSNorm + ``union``):
+    """The router's gate and the union in one kernel (one launch per layer fewer than Relax's RMSNorm + a union):
     block per chunk, a thread per expert.  Per token: ``gate = RMSNorm(ReLU(a0)) ⊙ router_norm`` (fp32, the sum of
-    squares by TVM's block allreduce), cast to the model dtype; then the union's slots as in `union_kernel`."""
+    squares by TVM's block allreduce), cast to the model dtype; experts' flags go to shared memory and each active
+    expert's slot is the count of active experts before it (no serial E×T scan by one thread)."""
     zero = T.Cast(dtype, 0)
     ch = Chunking(chunk)
     NT = min(E, threads)
@@ -128,6 +77,7 @@ def route_kernel(E: int, dtype: str, eps: float, chunk: int | None = None, threa
                         if k * NT + tx < E:
                             flags[k * NT + tx] = f[k]
                     T.tvm_storage_sync("shared")
+                    # each active expert's slot = the number of active experts before it
                     for k in range(KE):
                         if k * NT + tx < E:
                             pos[0] = 0
@@ -135,6 +85,7 @@ def route_kernel(E: int, dtype: str, eps: float, chunk: int | None = None, threa
                                 pos[0] = pos[0] + flags[e]
                             if f[k] == 1:
                                 idx[b, pos[0]] = k * NT + tx
+                    # entries past the count: zero, each by its own thread (the active experts' slots are below it)
                     pos[0] = 0
                     for e in range(E):
                         pos[0] = pos[0] + flags[e]
