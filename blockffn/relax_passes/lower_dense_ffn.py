@@ -33,7 +33,8 @@ def _dense_decode_body(bb: relax.BlockBuilder, name: str, dense: relax.Function,
     tile = sparse_gpu.token_tile(n)
     f_down = sparse_gpu.down_kernel_gpu(E, De, d, dtype, max_lanes=max_lanes, token_tile=tile)
     # the same kernel as the sparse decode twin's (added once)
-    gv_down = bb.add_func(f_down.without_attr("global_symbol"), f"blockffn_sparse_down_e{E}_de{De}_d{d}_{dtype}_t{tile}")
+    gv_down = bb.add_func(f_down.without_attr("global_symbol"),
+                          f"blockffn_sparse_down_e{E}_de{De}_d{d}_{dtype}_t{tile}")
     splits, gv_reduce = add_gpu_reduce(bb, E, De, d, dtype, None, False, max_lanes)
     idx = relax.const(np.arange(E, dtype="int32")[None, :])
     count = relax.const(np.array([E], dtype="int32"))
@@ -47,7 +48,8 @@ def _dense_decode_body(bb: relax.BlockBuilder, name: str, dense: relax.Function,
             h = bb.emit(relax.op.nn.silu(relax.op.matmul(x2, relax.op.permute_dims(w_up))))
             h = bb.emit(relax.op.astype(relax.op.reshape(h, relax.ShapeExpr([n, E, De])), "float32")
                         * relax.op.astype(relax.op.reshape(gate, relax.ShapeExpr([n, E, 1])), "float32"))
-            part = bb.emit(relax.call_tir(gv_down, [h, w_down, idx, count], relax.TensorType([splits, n, d], "float32")))
+            part = bb.emit(relax.call_tir(gv_down, [h, w_down, idx, count],
+                                          relax.TensorType([splits, n, d], "float32")))
             y = bb.emit(relax.call_tir(gv_reduce, [part], relax.TensorType([n, d], dtype)))
             out = bb.emit_output(relax.op.reshape(y, x_ty.shape))
         gv = bb.emit_func_output(out)
