@@ -65,16 +65,60 @@ def check_versions(manifest: dict, path: Path) -> None:
                                 f"recompile it with blockffn-compile")
 
 
+def inside(folder: Path, name, what: str) -> Path:
+    """``folder / name`` for a file name an artifact document gives, refused in one line unless it stays inside
+    the folder: a relative path without ``..`` whose resolved location (symlinks followed) is under the folder.
+    An artifact is data from elsewhere; nothing it names may reach other files (or other libraries to load)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ArtifactError(f"{folder}: {what} {name!r} is not a file name inside the artifact folder")
+    f = folder / name
+    if not f.resolve().is_relative_to(folder.resolve()):
+        raise ArtifactError(f"{folder}: {what} {name!r} leads outside the artifact folder (a symlink)")
+    return f
+
+
+# bytes per element of the dtypes a tensor cache holds
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "uint32": 4, "int32": 4, "int8": 1, "uint8": 1,
+            "int64": 8, "float64": 8}
+
+
+def _check_records(f: Path, shard: dict, size: int) -> None:
+    """Every tensor's byte range lies inside its shard, is exactly shape × dtype and overlaps no other (a range
+    past the end would be read out of bounds by the loader; an overlapping one would silently load other weights)."""
+    for r in shard.get("records", []):
+        name, shape, off, nb = r.get("name"), r.get("shape"), r.get("byteOffset"), r.get("nbytes")
+        if (not isinstance(off, int) or not isinstance(nb, int) or off < 0 or nb < 0 or off + nb > size
+                or isinstance(off, bool) or isinstance(nb, bool)):
+            raise ArtifactError(f"{f}: tensor {name!r} claims bytes {off}+{nb} of a {size}-byte shard (corrupt "
+                                f"tensor-cache.json)")
+        if (not isinstance(r.get("dtype"), str) or r["dtype"] not in ITEMSIZE or not isinstance(shape, list)
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in shape)):
+            raise ArtifactError(f"{f}: tensor {name!r} has an invalid shape {shape!r} or dtype {r.get('dtype')!r} "
+                                f"(corrupt tensor-cache.json)")
+        n = ITEMSIZE[r["dtype"]]
+        for v in shape:
+            n *= v
+        if n != nb:
+            raise ArtifactError(f"{f}: tensor {name!r} is {shape} {r['dtype']} = {n} bytes but its record says "
+                                f"{nb} (corrupt tensor-cache.json)")
+    ranges = sorted(((r["byteOffset"], r["byteOffset"] + r["nbytes"], r.get("name")) for r in shard.get("records", [])),
+                    key=lambda t: t[:2])
+    for (_, end, a), (start, _, b) in zip(ranges, ranges[1:]):
+        if start < end:
+            raise ArtifactError(f"{f}: tensors {a!r} and {b!r} overlap in the shard (corrupt tensor-cache.json)")
+
+
 def check_shards(path: Path, cache: dict, verify_md5: bool = True) -> None:
     for shard in cache.get("records", []):
-        f = path / shard["dataPath"]
-        if not f.exists():
+        f = inside(path, shard.get("dataPath"), "tensor-cache dataPath")
+        if not f.is_file():
             raise ArtifactError(f"{f}: weight shard missing")
         size = f.stat().st_size
-        if size != shard["nbytes"]:
-            raise ArtifactError(f"{f}: weight shard is {size} bytes, expected {shard['nbytes']} (truncated or "
+        if size != shard.get("nbytes"):
+            raise ArtifactError(f"{f}: weight shard is {size} bytes, expected {shard.get('nbytes')} (truncated or "
                                 f"corrupt)")
-        if verify_md5 and file_md5(f) != shard["md5sum"]:
+        _check_records(f, shard, size)
+        if verify_md5 and file_md5(f) != shard.get("md5sum"):
             raise ArtifactError(f"{f}: md5 mismatch (corrupt weight shard)")
 
 
@@ -145,8 +189,8 @@ def open_artifact(path: str | Path, verify_md5: bool = True, model_lib: str | Pa
     chat_config = _read_json(path / CHAT_CONFIG)
     cache = _read_json(path / TENSOR_CACHE)
     check_versions(manifest, path / MANIFEST if model_lib is None else Path(model_lib))
-    lib = path / manifest.get("library", "")
-    if not manifest.get("library") or not lib.exists():
+    lib = Path(model_lib) if model_lib is not None else inside(path, manifest.get("library"), "manifest library")
+    if not lib.is_file():
         raise ArtifactError(f"{lib}: model library missing")
     check_shards(path, cache, verify_md5)
     check_weights_match(manifest, cache, path)
@@ -170,7 +214,7 @@ def open_draft(path: str | Path, verify_md5: bool = True) -> DraftArtifact:
         raise ArtifactError(f"{path / DRAFT_MANIFEST}: format {manifest.get('format')!r}, expected {DRAFT_FORMAT!r}")
     cache = _read_json(path / TENSOR_CACHE)
     check_versions(manifest, path / DRAFT_MANIFEST)
-    if not (path / manifest.get("library", "")).is_file():
+    if not inside(path, manifest.get("library"), "draft manifest library").is_file():
         raise ArtifactError(f"{path / manifest.get('library', '')}: draft library missing")
     check_shards(path, cache, verify_md5)
     return DraftArtifact(path, manifest, cache)

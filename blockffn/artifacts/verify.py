@@ -121,7 +121,9 @@ def _verify_draft(art) -> str:
     """The EAGLE draft built into ARTIFACT/draft: intact, same TVM, same target, shaped for this model."""
     from blockffn.artifacts.reader import open_draft
 
-    folder = art.path / art.manifest["draft"]["folder"]
+    from blockffn.artifacts.reader import inside
+
+    folder = inside(art.path, (art.manifest["draft"] or {}).get("folder"), "manifest draft folder")
     draft = open_draft(folder)  # files, shards, md5, TVM version
     m = draft.manifest
     if m.get("target", {}).get("name") != art.manifest["target"]["name"]:
