@@ -30,3 +30,20 @@ def small_model(attention):
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+@pytest.fixture(scope="session")
+def bundled_cpu_artifact(tmp_path_factory):
+    """The bundled model compiled for this CPU (context 256) by `blockffn-compile`, in a subprocess; read-only
+    (tests that change it work on a copy)."""
+    import subprocess
+    import sys
+
+    from blockffn import default_model_path
+
+    out = tmp_path_factory.mktemp("bundled-cpu") / "art"
+    r = subprocess.run([sys.executable, "-c", "from blockffn.cli import compile_main; compile_main()",
+                        "--model", default_model_path(), "--target", "cpu", "--context-window", "256",
+                        "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return out

@@ -12,18 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blockffn import default_model_path
 from blockffn.artifacts.reader import ArtifactError, open_artifact
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    out = tmp_path_factory.mktemp("confine") / "art"
-    r = subprocess.run([sys.executable, "-c", "from blockffn.cli import compile_main; compile_main()",
-                        "--model", default_model_path(), "--target", "cpu", "--context-window", "256",
-                        "-o", str(out)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return out
+def built(bundled_cpu_artifact):
+    return bundled_cpu_artifact
 
 
 @pytest.fixture

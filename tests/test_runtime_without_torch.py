@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from blockffn import default_model_path
 
 BLOCK_TORCH = """
 import importlib.abc, sys
@@ -27,13 +26,8 @@ def run(args, block: bool, stdin: str | None = None):
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    out = tmp_path_factory.mktemp("notorch") / "art"
-    r = subprocess.run([sys.executable, "-c", "from blockffn.cli import compile_main; compile_main()",
-                        "--model", default_model_path(), "--target", "cpu", "--context-window", "256",
-                        "-o", str(out)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return out
+def artifact(bundled_cpu_artifact):
+    return bundled_cpu_artifact
 
 
 def test_the_blocker_blocks():
