@@ -76,8 +76,9 @@ class _Retarget(PyExprMutator):
         return call
 
 
-def _verify_only(mod: tvm.IRModule) -> list:
-    """Relax functions reached only from ``batch_verify*`` entry points (those included)."""
+def _verify_only(mod: tvm.IRModule) -> dict:
+    """Relax functions reached only from ``batch_verify*`` entry points (those included) -> the kernels they
+    call."""
     funcs = {gv: f for gv, f in mod.functions.items() if isinstance(f, relax.Function)}
     calls = {}
     for gv, f in funcs.items():
@@ -96,8 +97,8 @@ def _verify_only(mod: tvm.IRModule) -> list:
             seen.add(gv)
             reached_by[gv].add(entry.name_hint)
             stack.extend(calls[gv].relax)
-    return [gv for gv, entries in reached_by.items()
-            if entries and all(e.startswith(VERIFY_PREFIX) for e in entries)]
+    return {gv: calls[gv].tir for gv, entries in reached_by.items()
+            if entries and all(e.startswith(VERIFY_PREFIX) for e in entries)}
 
 
 def VerifyRowsGEMV(rows: int = ROWS):  # noqa: N802 - TVM pass naming
@@ -106,20 +107,14 @@ def VerifyRowsGEMV(rows: int = ROWS):  # noqa: N802 - TVM pass naming
         verify = _verify_only(mod)
         if not verify:
             return mod
-        mapping = {}
-        for gv in verify:
-            v = _Callees()
-            v.visit_expr(mod[gv])
-            for kernel in v.tir:
-                if kernel in mapping or not isinstance(mod[kernel], tirx.PrimFunc):
-                    continue
-                low = _low_rows(mod[kernel], rows)
-                if low is not None:
-                    mapping[kernel] = None, low
-        if not mapping:
+        low = {}
+        for kernel in set().union(*verify.values()):
+            if isinstance(mod[kernel], tirx.PrimFunc) and (f := _low_rows(mod[kernel], rows)) is not None:
+                low[kernel] = f
+        if not low:
             return mod
         bb = relax.BlockBuilder(mod)
-        mapping = {k: bb.add_func(low, f"{k.name_hint}_rows{rows}") for k, (_, low) in mapping.items()}
+        mapping = {k: bb.add_func(f, f"{k.name_hint}_rows{rows}") for k, f in low.items()}
         mod = bb.get()
         for gv in verify:
             mod[gv] = _Retarget(mod, mapping).visit_expr(mod[gv])
