@@ -97,12 +97,10 @@ def _q4_kernels(family: str, E: int, De: int, d: int, dtype: str, chunk: int | N
 
     if family not in ("cpu", "gpu"):
         raise ValueError(f"no sparse kernels for target family {family!r}")
+    union = _kernels(family, E, De, d, dtype, chunk)[0]
     if family == "cpu":
-        from blockffn.schedules.sparse_cpu import union_kernel
-
-        return (union_kernel(E, dtype, chunk), q4.up_kernel_cpu(E, De, d, dtype, chunk=chunk),
-                q4.down_kernel_cpu(E, De, d, dtype, chunk=chunk))
-    return (None, q4.up_kernel_gpu(E, De, d, dtype, chunk=chunk, token_tile=tile),
+        return union, q4.up_kernel_cpu(E, De, d, dtype, chunk=chunk), q4.down_kernel_cpu(E, De, d, dtype, chunk=chunk)
+    return (union, q4.up_kernel_gpu(E, De, d, dtype, chunk=chunk, token_tile=tile),
             q4.down_kernel_gpu(E, De, d, dtype, chunk=chunk, token_tile=tile))
 
 

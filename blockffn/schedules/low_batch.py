@@ -76,9 +76,8 @@ class _Retarget(PyExprMutator):
         return call
 
 
-def _verify_only(mod: tvm.IRModule) -> dict:
-    """Relax functions reached only from ``batch_verify*`` entry points (those included) -> the kernels they
-    call."""
+def _verify_only(mod: tvm.IRModule) -> list:
+    """Relax functions reached only from ``batch_verify*`` entry points (those included)."""
     funcs = {gv: f for gv, f in mod.functions.items() if isinstance(f, relax.Function)}
     calls = {}
     for gv, f in funcs.items():
@@ -97,8 +96,8 @@ def _verify_only(mod: tvm.IRModule) -> dict:
             seen.add(gv)
             reached_by[gv].add(entry.name_hint)
             stack.extend(calls[gv].relax)
-    return {gv: calls[gv].tir for gv, entries in reached_by.items()
-            if entries and all(e.startswith(VERIFY_PREFIX) for e in entries)}
+    return [gv for gv, entries in reached_by.items()
+            if entries and all(e.startswith(VERIFY_PREFIX) for e in entries)]
 
 
 def VerifyRowsGEMV(rows: int = ROWS):  # noqa: N802 - TVM pass naming
@@ -107,14 +106,20 @@ def VerifyRowsGEMV(rows: int = ROWS):  # noqa: N802 - TVM pass naming
         verify = _verify_only(mod)
         if not verify:
             return mod
-        low = {}
-        for kernel in set().union(*verify.values()):
-            if isinstance(mod[kernel], tirx.PrimFunc) and (f := _low_rows(mod[kernel], rows)) is not None:
-                low[kernel] = f
-        if not low:
+        mapping = {}
+        for gv in verify:
+            v = _Callees()
+            v.visit_expr(mod[gv])
+            for kernel in v.tir:
+                if kernel in mapping or not isinstance(mod[kernel], tirx.PrimFunc):
+                    continue
+                low = _low_rows(mod[kernel], rows)
+                if low is not None:
+                    mapping[kernel] = None, low
+        if not mapping:
             return mod
         bb = relax.BlockBuilder(mod)
-        mapping = {k: bb.add_func(f, f"{k.name_hint}_rows{rows}") for k, f in low.items()}
+        mapping = {k: bb.add_func(low, f"{k.name_hint}_rows{rows}") for k, (_, low) in mapping.items()}
         mod = bb.get()
         for gv in verify:
             mod[gv] = _Retarget(mod, mapping).visit_expr(mod[gv])
