@@ -84,7 +84,14 @@ class KVCache:
 
 
 def _attend(q, k, v, mask, scale):
-    """q [B,H,Tq,Dq], k [B,H,Tk,Dq], v [B,H,Tk,Dv]; mask bool [B,1,Tq,Tk] (True = attend)."""
+    """q [B,H,Tq,Dq], k [B,H,Tk,Dq], v [B,H,Tk,Dv]; mask bool [B,1,Tq,Tk] (True = attend).
+
+    Under ONNX export the attention is spelled out with 4-D matmuls: the exporter's SDPA decomposition folds
+    batch and heads into one axis through a data-dependent reshape that ONNX importers cannot resolve."""
+    if torch.onnx.is_in_onnx_export():
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
