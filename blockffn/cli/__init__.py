@@ -14,14 +14,15 @@ import time
 
 import click
 
-from blockffn.cli import artifact_commands, model_commands, run_commands  # noqa: F401 - registers the commands
+from blockffn.cli import artifact_commands, model_commands, onnx_commands, run_commands  # noqa: F401 - registers
 from blockffn.cli.artifact_commands import compile_entry
 from blockffn.cli.base import _echo_err, cli
 from blockffn.errors import BlockFFNError
 
 __all__ = ["cli", "compile_main", "main"]
 
-EXTRAS = {"torch": "compile", "safetensors": "compile"}  # optional packages -> the extra that installs them
+# optional packages -> the extra that installs them
+EXTRAS = {"torch": "compile", "safetensors": "compile", "onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx"}
 
 
 def _run(command: click.Command, argv, prog_name: str) -> None:

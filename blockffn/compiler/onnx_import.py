@@ -10,6 +10,7 @@ constants of the library, as the importer leaves them.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +43,9 @@ def import_onnx(path: str | Path):
         raise BlockFFNError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
     _tie_total_length(model.graph)
     names = [i.name for i in model.graph.input]
-    return from_onnx(model, keep_params_in_input=False), names
+    with warnings.catch_warnings():  # it renames every dotted input (past_key_values.0.key -> past_key_values_0_key)
+        warnings.filterwarnings("ignore", message="Renaming name")
+        return from_onnx(model, keep_params_in_input=False), names
 
 
 def _tie_total_length(graph) -> None:

@@ -84,14 +84,22 @@ class KVCache:
 
 
 def _attend(q, k, v, mask, scale):
-    """q [B,H,Tq,Dq], k [B,H,Tk,Dq], v [B,H,Tk,Dv]; mask bool [B,1,Tq,Tk] (True = attend).
+    """q [B,H,Tq,Dq], k [B,Hkv,Tk,Dq], v [B,Hkv,Tk,Dv] (H a multiple of Hkv: grouped-query attention); mask bool
+    [B,1,Tq,Tk] (True = attend).
 
-    Under ONNX export the attention is spelled out with 4-D matmuls: the exporter's SDPA decomposition folds
-    batch and heads into one axis through a data-dependent reshape that ONNX importers cannot resolve."""
+    Under ONNX export the attention is spelled out with matmuls, each group of query heads against its shared
+    key head: the exporter's SDPA decomposition folds batch and heads into one axis through a data-dependent
+    reshape, and ``repeat_interleave`` becomes an ``Expand``, both of which ONNX importers (TVM's) cannot resolve."""
+    b, h, t, _ = q.shape
+    kvh = k.shape[1]
     if torch.onnx.is_in_onnx_export():
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        return torch.matmul(torch.softmax(scores, dim=-1), v)
+        qg = q.reshape(b, kvh, h // kvh, t, q.shape[-1])  # [B, Hkv, group, Tq, D]
+        scores = torch.matmul(qg, k.transpose(-1, -2).unsqueeze(2)) * scale
+        scores = scores.masked_fill(~mask.unsqueeze(1), torch.finfo(scores.dtype).min)
+        o = torch.matmul(torch.softmax(scores, dim=-1), v.unsqueeze(2))
+        return o.reshape(b, h, t, v.shape[-1])
+    if kvh != h:
+        k, v = k.repeat_interleave(h // kvh, dim=1), v.repeat_interleave(h // kvh, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
@@ -161,9 +169,6 @@ class GQAAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        rep = self.h // self.kvh
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
         o = _attend(q, k, v, mask, self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.h * self.hd))
 

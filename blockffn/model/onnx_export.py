@@ -19,9 +19,13 @@ The exporter is ``torch.onnx.export(dynamo=True)`` (the torch.export path): the 
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -124,6 +128,21 @@ def _name_dims(graph, with_past: bool) -> None:
                 d.dim_param = DIM_NAMES[i]
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter prints its progress to stdout and warns about optional packages (torchvision) and its own
+    deprecations; none of it is actionable for our graph."""
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning, UserWarning))
+            yield
+    finally:
+        log.setLevel(level)
+
+
 def export_onnx(model: BlockFFNForCausalLM, path: str | Path, with_past: bool = False, opset: int = OPSET,
                 external_data: bool | None = None) -> Path:
     """Write ``model`` (dense FFN, fp32 or its own dtype) to ``path`` and check it with ``onnx.checker``.
@@ -144,7 +163,7 @@ def export_onnx(model: BlockFFNForCausalLM, path: str | Path, with_past: bool = 
     graph = _CausalLMGraph(model, with_past)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(graph, _example_inputs(cfg, with_past, dtype), dynamo=True, opset_version=opset,
                                         input_names=inputs, output_names=outputs,
                                         dynamic_shapes=_dynamic_shapes(cfg, with_past), verbose=False)

@@ -143,38 +143,43 @@ def _gate(g: _Graph, gate) -> tuple[object, np.ndarray, float]:
     for w, normed in g.operands(mul):
         try:
             weight = g.const(w)
+            n = g.call(normed, "relax.multiply", "relax.divide")
+            if n.op.name == "relax.divide":  # r / sqrt(mean(r^2) + eps)
+                r = n.args[0]
+                return r, weight, _mean_square_eps(g, g.call(n.args[1], "relax.sqrt").args[0], r)
+            for r, inv in g.operands(n):
+                if g.is_call(r, "relax.nn.relu"):
+                    return r, weight, _inverse_rms_eps(g, inv, r)
         except NoMatch:
             continue
-        n = g.call(normed, "relax.multiply", "relax.divide")
-        if n.op.name == "relax.divide":  # r / sqrt(mean(r^2) + eps)
-            r = n.args[0]
-            return r, weight, _mean_square_eps(g, g.call(n.args[1], "relax.sqrt").args[0], r)
-        for r, inv in g.operands(n):
-            if g.is_call(r, "relax.nn.relu"):
-                return r, weight, _inverse_rms_eps(g, inv, r)
     raise NoMatch("the gate is not RMSNorm(ReLU(router)) times a weight")
+
+
+def _expert_outputs(g: _Graph, hr):
+    """(E, De, expert input x, up weight [d, E*De]) of ``hr = reshape(silu(matmul(x, U)), [.., E, De])``."""
+    per_expert = g.call(hr, "relax.reshape")
+    shape = per_expert.ty.shape.values if per_expert.ty.shape is not None else []
+    if len(shape) < 2 or not all(isinstance(v, tvm.tirx.IntImm) for v in shape[-2:]) or int(shape[-1]) == 1:
+        raise NoMatch("the expert axis is not static")
+    up = g.call(_silu_input(g, per_expert.args[0]), "relax.matmul")
+    return int(shape[-2]), int(shape[-1]), up.args[0], g.const(up.args[1])
 
 
 def match_blockffn(g: _Graph, y) -> dict:
     """The weights and input of the BlockFFN layer whose output is ``y`` (the down-projection matmul)."""
     down = g.call(y, "relax.matmul")
     w_down = g.const(down.args[1])  # [E*De, d]
-    flat = g.call(down.args[0], "relax.reshape")
-    prod = g.call(flat.args[0], "relax.multiply")
-    for hr, ge in g.operands(prod):
-        if g.is_call(hr, "relax.reshape") and g.is_call(ge, "relax.expand_dims", "relax.reshape"):
+    prod = g.call(g.call(down.args[0], "relax.reshape").args[0], "relax.multiply")
+    why = NoMatch("the expert outputs are not scaled per expert by a gate")
+    for hr, ge in g.operands(prod):  # which operand is which: the one that parses as experts
+        try:
+            E, De, x, w_up = _expert_outputs(g, hr)
+            gate_src = g.call(ge, "relax.expand_dims", "relax.reshape").args[0]
             break
+        except NoMatch as e:
+            why = e
     else:
-        raise NoMatch("the expert outputs are not scaled per expert by a gate")
-    per_expert = g.call(hr, "relax.reshape")
-    shape = per_expert.ty.shape.values if per_expert.ty.shape is not None else []
-    if len(shape) < 2 or not all(isinstance(v, tvm.tirx.IntImm) for v in shape[-2:]):
-        raise NoMatch("the expert axis is not static")
-    E, De = int(shape[-2]), int(shape[-1])
-    u = _silu_input(g, per_expert.args[0])
-    up = g.call(u, "relax.matmul")
-    x, w_up = up.args[0], g.const(up.args[1])  # [d, E*De]
-    gate_src = g.call(ge, "relax.expand_dims", "relax.reshape").args[0]
+        raise why
     r, w_norm, eps = _gate(g, gate_src)
     a0 = g.call(r, "relax.nn.relu").args[0]
     router = g.call(a0, "relax.matmul")
