@@ -17,7 +17,7 @@ from blockffn.compiler.compile import CompileOptions, compile_model
 from blockffn.compiler.quantization import SCHEMES, fake_quantize_model
 from blockffn.data.prepare import load_tokenizer, pack, read_documents
 from blockffn.model import load_model
-from blockffn.runtime.artifact_eval import artifact_window_nll, model_from_artifact, torch_window_nll
+from blockffn.train.artifact_eval import artifact_window_nll, model_from_artifact, torch_window_nll
 from blockffn.runtime.engine import Engine
 from blockffn.train.evaluate import evaluate
 

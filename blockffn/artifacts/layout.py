@@ -11,16 +11,19 @@ MANIFEST = "blockffn-manifest.json"
 MLC_CHAT_CONFIG_VERSION = "0.1.0"
 ARTIFACT_FORMAT = "blockffn-artifact/1"
 LIBRARY_MANIFEST_KEY = "blockffn"  # `_metadata` key holding the library's half of the manifest
+DRAFT_FOLDER = "draft"  # an artifact's built-in EAGLE draft: ARTIFACT/draft/, described by its own manifest
+DRAFT_FORMAT = "blockffn-draft/1"
+DRAFT_MANIFEST = "blockffn-draft.json"
 # model_config keys of mlc-chat-config.json that are MLC's, not the checkpoint's
 CHAT_ONLY_MODEL_KEYS = ("context_window_size", "prefill_chunk_size", "tensor_parallel_shards", "max_batch_size")
 
-# The unquantized weight layout of a library (the q4 one is blockffn.compiler.quantization.Q4_EXPERT_LAYOUT).
+# The unquantized weight layout of a library (the q4 one is blockffn.artifacts.q4.Q4_EXPERT_LAYOUT).
 DOWN_PROJ_TRANSPOSED = "model.layers.*.mlp.down_proj: HF [d, E*De] stored transposed as [E*De, d]"
 # Every library (vanilla attention): q, k and v are one GEMV per layer, two kernel launches fewer per decode step.
 FUSED_QKV = "model.layers.*.self_attn.qkv_proj: HF q_proj, k_proj, v_proj concatenated along the output rows"
 QKV_PARTS = ("q_proj", "k_proj", "v_proj")
 
-# --dtype name -> model (compute) dtype; q4* are group-quantized (blockffn.compiler.quantization)
+# --dtype name -> model (compute) dtype; q4* are group-quantized (blockffn.artifacts.q4)
 QUANTIZATIONS = {"q0f32": "float32", "q0f16": "float16", "q0bf16": "bfloat16", "q4f16_1": "float16",
                  "q4f32_1": "float32"}
 

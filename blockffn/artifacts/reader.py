@@ -204,7 +204,7 @@ class DraftArtifact(_LibraryFolder):
 
 
 def open_draft(path: str | Path, verify_md5: bool = True) -> DraftArtifact:
-    from blockffn.compiler.compile_draft import DRAFT_FORMAT, DRAFT_MANIFEST
+    from blockffn.artifacts.layout import DRAFT_FORMAT, DRAFT_MANIFEST
 
     path = Path(path)
     if not path.is_dir():

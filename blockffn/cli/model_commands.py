@@ -244,7 +244,7 @@ def eval_cmd(model_dir, text_file, seq_len, max_tokens, sparse, quantization, ar
     n_bytes = sum(len(d.encode()) + 1 for d in docs)
     split = pack([e.ids for e in tok.encode_batch(docs)], eos)
     if artifact_dir:
-        from blockffn.runtime.artifact_eval import evaluate_artifact
+        from blockffn.train.artifact_eval import evaluate_artifact
 
         r = evaluate_artifact(artifact_dir, split, seq_len, max_tokens, bytes_per_token=n_bytes / len(split.tokens))
     else:

@@ -376,7 +376,8 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
         draft_entry = None
         draft_src = draft_source(opts.draft, model_dir)
         if draft_src is not None:
-            from blockffn.compiler.compile_draft import DRAFT_FOLDER, build_draft
+            from blockffn.artifacts.layout import DRAFT_FOLDER
+            from blockffn.compiler.compile_draft import build_draft
 
             draft_lib = "draft-" + lib_name
             bounds = {"seq_len": prefill_chunk, "batch_size": opts.max_batch_size, "total_seq_len": context}

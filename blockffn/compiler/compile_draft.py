@@ -13,12 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from blockffn import __version__
+from blockffn.artifacts.layout import DRAFT_FORMAT, DRAFT_MANIFEST
 from blockffn.artifacts.weights import to_numpy, write_tensor_cache
 from blockffn.errors import BlockFFNError
-
-DRAFT_FOLDER = "draft"
-DRAFT_FORMAT = "blockffn-draft/1"
-DRAFT_MANIFEST = "blockffn-draft.json"
 
 
 def draft_head_rows(draft, target_model):

@@ -19,12 +19,12 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
-from blockffn.compiler.quantization import GroupQuant
+from blockffn.artifacts.q4 import GroupQuant
 from blockffn.compiler.relax_quant import QEmbedding, QExperts, QLinear, down_index, q4_matmul, up_index
 from blockffn.artifacts.layout import DOWN_PROJ_TRANSPOSED, to_library_layout  # noqa: F401 - re-exported
 from blockffn.model.config import BlockFFNConfig
+from blockffn.relax_passes.lower_sparse_ffn import BLOCKFFN_SUBROUTINE
 
-BLOCKFFN_SUBROUTINE = "BlockFFN"  # prefix of the Relax functions that hold one BlockFFN layer
 # Compile-time weight layout transform, recorded in the artifact manifest: HF `mlp.down_proj` [d, E*De] is stored
 # transposed as [E*De, d] (expert-major slabs, like `mlp.up_proj`).
 

@@ -12,10 +12,8 @@ from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from blockffn.compiler.quantization import BITS, GROUP_SIZE, MAX_INT, PER_WORD, GroupQuant
-
-DEQUANTIZE_BLOCK = "dequantize"  # block names the CPU schedule rule recognises
-MATMUL_BLOCK = "q4_matmul"
+from blockffn.artifacts.q4 import BITS, GROUP_SIZE, MAX_INT, PER_WORD, GroupQuant
+from blockffn.schedules.dense_q4_cpu import DEQUANTIZE_BLOCK, MATMUL_BLOCK  # the names its CPU rule recognises
 
 
 def _decode(q_word, scale, elem, dtype: str):

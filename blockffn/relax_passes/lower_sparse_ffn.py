@@ -30,10 +30,10 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, PyExprVisitor, mutator, visitor
 
-from blockffn.compiler.relax_model import BLOCKFFN_SUBROUTINE
 from blockffn.schedules import sparse_gpu
 
-SPARSE_SUFFIX = "_sparse"
+BLOCKFFN_SUBROUTINE = "BlockFFN"  # name prefix of the Relax functions that hold one BlockFFN layer (the frontends'
+SPARSE_SUFFIX = "_sparse"  # contract with this pass: blockffn.compiler.relax_model, OutlineBlockFFN)
 
 
 def blockffn_functions(mod: tvm.IRModule) -> dict:

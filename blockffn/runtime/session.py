@@ -14,7 +14,7 @@ from blockffn.errors import BlockFFNError
 
 def open_drafter(option, engine, device: str):
     from blockffn.artifacts.layout import MANIFEST
-    from blockffn.compiler.compile_draft import DRAFT_FOLDER, DRAFT_MANIFEST
+    from blockffn.artifacts.layout import DRAFT_FOLDER, DRAFT_MANIFEST
     from blockffn.runtime.draft import EagleDraft, ModelDraft
     from blockffn.runtime.engine import Engine
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
-from blockffn.compiler.quantization import PER_WORD
-from blockffn.compiler.relax_quant import DEQUANTIZE_BLOCK, MATMUL_BLOCK
+from blockffn.artifacts.q4 import PER_WORD
+
+DEQUANTIZE_BLOCK = "dequantize"  # block names of the q4 matmul the compiler emits (blockffn.compiler.relax_quant)
+MATMUL_BLOCK = "q4_matmul"  # and this rule recognises
 
 
 def _block_named(sch: s_tir.Schedule, prefix: str):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from blockffn.compiler.quantization import BITS, GROUP_SIZE, MAX_INT, PER_WORD
+from blockffn.artifacts.q4 import BITS, GROUP_SIZE, MAX_INT, PER_WORD
 from blockffn.schedules.chunking import Chunking
 from blockffn.schedules.sparse_gpu import warp_sum
 

@@ -89,7 +89,7 @@ def read_tensor_cache(art) -> dict[str, np.ndarray]:
 def model_from_artifact(art):
     """A float32 PyTorch model holding exactly the artifact's weights (q4 dequantized, layouts undone)."""
     import torch
-    from blockffn.compiler.quantization import dequantize, quantized_name
+    from blockffn.artifacts.q4 import dequantize, quantized_name
     from blockffn.model import BlockFFNForCausalLM
 
     arrays = read_tensor_cache(art)
