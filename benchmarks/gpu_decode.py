@@ -90,19 +90,9 @@ def write_weights(folder: Path, model, quantization: str) -> None:
 
 def bytes_per_token(cfg, fraction: float, quantization: str) -> float:
     """Weight bytes one decode step reads (see the module docstring)."""
-    d, L, V, E, De = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.num_experts, cfg.expert_size
-    if cfg.attention_type == "mla":
-        h, nope, rope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        attn = (d * cfg.q_lora_rank + cfg.q_lora_rank * h * (nope + rope) + d * (cfg.kv_lora_rank + rope)
-                + cfg.kv_lora_rank * h * (nope + v) + h * v * d)
-    else:
-        hd = cfg.gqa_head_dim
-        attn = d * cfg.num_attention_heads * hd * 2 + 2 * d * cfg.num_key_value_heads * hd
-    q4 = quantization.startswith("q4")
-    wb = 0.5 + 2 / 32 if q4 else 2.0  # q4: 4 bits + one fp16 scale per 32 weights
-    full = 2.0  # router and norms stay in the model dtype
-    per_layer = wb * (attn + fraction * 2 * E * De * d) + full * (E * d + 2 * d + E)
-    return L * per_layer + wb * V * d + full * (2 * d)
+    from blockffn.runtime.roofline import step_weight_bytes
+
+    return step_weight_bytes(cfg, fraction, quantization)
 
 
 def copy_bandwidth() -> float:

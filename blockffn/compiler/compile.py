@@ -166,6 +166,10 @@ def build_library(opts: CompileOptions, cfg, preset, target, dtype: str, context
         graph_passes += [AddDenseTwins(list(sparse_fns)),
                          LowerBlockFFNSparse(sparse_fns, family=preset.kernel_family,
                                              max_vector_lanes=4 if target.kind.name == "metal" else 8)]
+    if target.kind.name == "llvm" and dtype in ("float16", "bfloat16"):  # CPUs: half weights, fp32 sums
+        from blockffn.relax_passes.accumulate_f32 import AccumulateMatmulF32
+
+        graph_passes.append(AccumulateMatmulF32())
     if preset.kernel_family == "gpu":  # (q4 experts keep their dense body: the pass skips them)
         from blockffn.relax_passes.lower_dense_ffn import LowerBlockFFNDenseDecodeGPU
 

@@ -11,11 +11,16 @@ Order (each phase a list so the artifact manifest can record every pass by name)
               earlier one scheduled
   lower     - dataflow lowering, StaticPlanBlockMemory, then AttachMetadata (memory usage of every function,
               `_metadata`), then the remaining VM lowering.
+
+Each phase runs as one named step that records its wall time (``phase_seconds``) and, with ``dump_dir``, writes
+the module after it as TVMScript (``DIR/NN-<phase>.py``: what `blockffn-compile --dump-ir DIR` leaves to read).
 """
 
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import tvm
 from tvm import relax
@@ -102,12 +107,31 @@ def _backend_pipeline(target: tvm.target.Target):
 PHASES = ("attach", "graph", "dispatch", "legalize", "schedule", "lower")
 
 
+def _phase(index: int, name: str, passes: list, phase_seconds: dict, dump_dir: Path | None):
+    """One phase as a single pass: its passes in order, timed, the result optionally dumped."""
+    sequence = tvm.transform.Sequential(passes, name=name)
+
+    @tvm.transform.module_pass(opt_level=0, name=f"phase_{name}")
+    def _run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        t0 = time.perf_counter()
+        mod = sequence(mod)
+        phase_seconds[name] = round(time.perf_counter() - t0, 3)
+        if dump_dir is not None:
+            dump_dir.mkdir(parents=True, exist_ok=True)
+            (dump_dir / f"{index:02d}-{name}.py").write_text(mod.script(show_meta=False))
+        return mod
+
+    return _run
+
+
 def build_pipeline(target: tvm.target.Target, metadata: dict, bounds: dict[str, int],
                    graph_passes: list | None = None, schedule_passes: list | None = None, through: str = "lower",
-                   after: str | None = None, tuned_passes: list | None = None):
+                   after: str | None = None, tuned_passes: list | None = None, phase_seconds: dict | None = None,
+                   dump_dir: str | Path | None = None):
     """Returns (pipeline pass, [pass names in order]).  ``through`` stops after that phase (e.g. "schedule": the
     scheduled Relax + TIR module, before VM lowering, which tests run kernel by kernel); ``after`` starts after
-    that phase (e.g. "legalize": continue a module that was tuned after legalization)."""
+    that phase (e.g. "legalize": continue a module that was tuned after legalization).  ``phase_seconds`` (a dict)
+    receives each phase's wall time; ``dump_dir`` the module after each phase."""
     from blockffn.schedules.dlight_rules import specialization_passes
 
     P = _backend_pipeline(target)
@@ -125,11 +149,14 @@ def build_pipeline(target: tvm.target.Target, metadata: dict, bounds: dict[str, 
     plan_idx = next(i for i, p in enumerate(finalize) if p.info.name == "StaticPlanBlockMemory")
     phases[-1] = phases[-1] + finalize[: plan_idx + 1] + [attach_metadata(metadata)] + finalize[plan_idx + 1:]
     first = PHASES.index(after) + 1 if after else 0
-    passes = [p for phase in phases[first: PHASES.index(through) + 1] for p in phase]
+    last = PHASES.index(through) + 1
+    seconds = phase_seconds if phase_seconds is not None else {}
+    dump = None if dump_dir is None else Path(dump_dir)
+    steps = [_phase(i, PHASES[i], phases[i], seconds, dump) for i in range(first, last)]
 
     @tvm.transform.module_pass(opt_level=0, name="blockffn_pipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
-            return tvm.transform.Sequential(passes)(mod)
+            return tvm.transform.Sequential(steps)(mod)
 
-    return _pipeline, [p.info.name for p in passes]
+    return _pipeline, [p.info.name for phase in phases[first:last] for p in phase]

@@ -63,8 +63,6 @@ class BlockFFN(nn.Module):
     ``param_mode="packed"`` the weights are dataflow variables, which may not become function parameters.
     """
 
-    _cache: dict = {}
-
     def __init__(self, cfg: BlockFFNConfig, dtype: str, scheme: GroupQuant | None = None):
         self.E, self.De, self.d = cfg.num_experts, cfg.expert_size, cfg.hidden_size
         self.router_proj = nn.Linear(self.d, self.E, bias=False, dtype=dtype)
@@ -114,8 +112,7 @@ class BlockFFN(nn.Module):
         bb = relax.BlockBuilder.current()
         expert_args, expert_names = self._expert_args()
         args = [x._expr, self.router_proj.weight._expr, self.router_norm.weight._expr, *expert_args]
-        key = (id(bb), tvm_ffi.structural_hash(relax.TupleType([a.ty for a in args]), map_free_vars=True))
-        gvar = BlockFFN._cache.get(key)
+        gvar = _subroutine_for(bb, args)
         if gvar is None:
             names = ["x", "router_proj_weight", "router_norm_weight", *expert_names]
             params = [relax.Var(n, a.ty) for n, a in zip(names, args)]
@@ -126,8 +123,18 @@ class BlockFFN(nn.Module):
                 gvar = bb.emit_func_output(out)
             mod = bb.get()
             mod.update_func(gvar, relax.utils.copy_with_new_vars(mod[gvar]))
-            BlockFFN._cache[key] = gvar
         return Tensor(_expr=bb.emit(relax.Call(gvar, args)))
+
+
+def _subroutine_for(bb: relax.BlockBuilder, args) -> tvm.ir.GlobalVar | None:
+    """The BlockFFN function the builder's module already holds for arguments of these types: one per shape, every
+    layer calls it with its own weights (looked up in the module, so no state outlives an export)."""
+    want = relax.TupleType([a.ty for a in args])
+    for gv, f in bb.get().functions.items():
+        if (gv.name_hint.startswith(BLOCKFFN_SUBROUTINE) and isinstance(f, relax.Function)
+                and tvm_ffi.structural_equal(relax.TupleType([p.ty for p in f.params]), want, map_free_vars=True)):
+            return gv
+    return None
 
 
 class SingleBlockFFN(nn.Module):
@@ -150,7 +157,6 @@ class SingleBlockFFN(nn.Module):
 
     def export(self, decode_entries: bool = False):
         """(IRModule, named params) with x: [1, n, d] for both entry points (and [1, 1, d] for the decode ones)."""
-        BlockFFN._cache.clear()
         packed = {"param_mode": "packed", "effect_mode": "none"}
         spec = {name: {"x": nn.spec.Tensor([1, "n", self.hidden], self.dtype), "$": packed}
                 for name in ("dense", "sparse")}
@@ -413,7 +419,6 @@ def export_model(cfg: BlockFFNConfig, dtype: str, target, scheme: GroupQuant | N
                  debug_counts: bool = False) -> tuple:
     """(IRModule, [(param name, nn.Parameter)]) for the given config, storage dtype, target and q4 scheme;
     ``debug_counts`` adds the ``*_with_stats`` functions (per-layer router counts)."""
-    BlockFFN._cache.clear()  # subroutines are per export (BlockBuilder ids can be reused)
     model = RelaxBlockFFN(cfg, dtype, scheme, debug_counts)
     model._target = target
     mod, named_params, ext_mods = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)

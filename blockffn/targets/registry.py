@@ -6,6 +6,7 @@ kind it produces and the toolchain it needs.  ``cpu`` builds for this machine.
 
 from __future__ import annotations
 
+import functools
 import platform
 from dataclasses import dataclass, field
 
@@ -32,6 +33,8 @@ class TargetPreset:
     def target_json(self, arch: str | None = None) -> dict:
         """The target dict, with a CUDA arch override (``sm_90`` or ``90``) applied."""
         t = dict(self.target)
+        if t.get("arch") == LOCAL_GPU:  # asked only now: listing or importing the presets runs no subprocess
+            t["arch"] = _local_cuda_arch()
         if self.name == "cpu":  # this machine: let LLVM use its vector units (baseline x86-64 is SSE2 only)
             t.setdefault("mcpu", _host_cpu())
         if arch:
@@ -60,6 +63,10 @@ def _host_cpu() -> str:
     return str(codegen.llvm_get_system_cpu())
 
 
+LOCAL_GPU = "local"  # the `cuda` preset's arch: this machine's GPU, resolved when a target is made
+
+
+@functools.lru_cache(maxsize=None)
 def _local_cuda_arch() -> str:
     """Compute capability of the local GPU (nvidia-smi), else sm_90; override with --arch."""
     import shutil
@@ -83,7 +90,7 @@ TARGETS: dict[str, TargetPreset] = {
         target={"kind": "llvm"}, host_triple=_host_triple(), lib_suffix=".so"),
     "cuda": TargetPreset(
         name="cuda", description="local NVIDIA GPU (arch from nvidia-smi, else sm_90; --arch overrides)",
-        target={"kind": "cuda", "arch": _local_cuda_arch(), **_CUDA_LIMITS, "host": {"kind": "llvm"}},
+        target={"kind": "cuda", "arch": LOCAL_GPU, **_CUDA_LIMITS, "host": {"kind": "llvm"}},
         host_triple=_host_triple(), lib_suffix=".so", toolchain="nvcc (CUDA toolkit) + host C compiler",
         device="cuda", kernel_family="gpu"),
     "jetson": TargetPreset(
