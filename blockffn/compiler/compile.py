@@ -40,6 +40,7 @@ class CompileOptions:
     tune_db: Path | None = None  # tuning database folder (default with tune_trials > 0: one per target in the cache)
     tune_max_kernels: int | None = None  # tune only the N costliest static kernels (tests; None: all)
     cuda_graph: bool = False  # CUDA: replay each step's kernels as CUDA graphs (elsewhere: only the inlining it needs)
+    dump_ir: Path | None = None  # write the module after every pipeline phase here (TVMScript, one file per phase)
 
 
 # A step's FFN touches only the union of its tokens' experts: over the whole call where the call has few tokens
@@ -179,12 +180,13 @@ def build_library(opts: CompileOptions, cfg, preset, target, dtype: str, context
                        "dense_twins": {f: f + DENSE_TWIN_SUFFIX for f in sparse_fns}}
     executable, functions, pass_names = lower_and_build(mod, metadata, bounds, preset, target, prefix, timer,
                                                         graph_passes, tuning=tuning, log=log,
-                                                        cuda_graph=opts.cuda_graph)
+                                                        cuda_graph=opts.cuda_graph, dump_ir=opts.dump_ir)
     return BuiltLibrary(executable, functions, named_params, metadata, pass_names)
 
 
 def lower_and_build(mod, metadata: dict, bounds: dict, preset, target, prefix: str | None, timer,
-                    graph_passes=(), phase: str = "", tuning=None, log=print, cuda_graph: bool = False):
+                    graph_passes=(), phase: str = "", tuning=None, log=print, cuda_graph: bool = False,
+                    dump_ir: Path | None = None):
     """Our pipeline (graph passes, schedules, memory plan, `_metadata`) then relax.build; shared by the model
     and its draft head.  With ``tuning`` (blockffn.schedules.tuning.Tuning) the pipeline stops after legalization,
     the static dense kernels are tuned into its database, and the rest runs with the database applied first.
@@ -192,7 +194,8 @@ def lower_and_build(mod, metadata: dict, bounds: dict, preset, target, prefix: s
 
     ``cuda_graph``: TVM's RewriteCUDAGraph captures the static stretches of each function as CUDA graphs; the
     per-layer subroutines are marked first so that no layer replays another's graph (see
-    `blockffn.relax_passes.graph_safe_subroutines`)."""
+    `blockffn.relax_passes.graph_safe_subroutines`).  Each pipeline phase's time lands in
+    ``timer.pipeline_phases``; ``dump_ir`` receives the module after each phase."""
     import tvm
     from tvm import relax
 
@@ -204,7 +207,9 @@ def lower_and_build(mod, metadata: dict, bounds: dict, preset, target, prefix: s
 
         graph_passes = list(graph_passes) + [InlineSubroutines]
     cuda_graph = cuda_graph and target.kind.name == "cuda"
-    kw = dict(graph_passes=list(graph_passes), schedule_passes=schedule_passes(target))
+    phase_seconds: dict = {}
+    kw = dict(graph_passes=list(graph_passes), schedule_passes=schedule_passes(target), phase_seconds=phase_seconds,
+              dump_dir=None if dump_ir is None else Path(dump_ir) / (phase.strip() or "model"))
     if prefix is not None:
         mod = mod.with_attr("system_lib_prefix", prefix)
     pass_names = []
@@ -230,6 +235,7 @@ def lower_and_build(mod, metadata: dict, bounds: dict, preset, target, prefix: s
     with timer(phase + "passes"):
         with target, metal_simdgroup_disabled(target), reduction_rules_guarded(), _cuda_graph_context(cuda_graph):
             lowered = pipeline(mod)
+    timer.pipeline_phases.update({f"{phase}{name}": s for name, s in phase_seconds.items()})
     functions = sorted(gv.name_hint for gv, f in lowered.functions.items()
                        if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs)
     with timer(phase + "build"):
@@ -367,6 +373,7 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
             note = write_library(built.executable, output, fcompile, deploy_text(preset, manifest, library_only=True),
                                  overwrite=opts.overwrite)
         return {"output": str(output), "library": lib_name, "deploy": str(note), "seconds": timer.times,
+                "pipeline_seconds": timer.pipeline_phases,
                 "peak_rss_mb": timer.peak_rss_mb, "param_bytes": 0,
                 "kv_cache_bytes_per_sequence": kv_cache_bytes(cfg, context, dtype),
                 "memory_usage": built.metadata["memory_usage"]}
@@ -404,7 +411,8 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
                         compile_seconds=timer.times, peak_rss_mb=timer.peak_rss_mb)
         (tmp / layout.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "DEPLOY.md").write_text(deploy_text(preset, manifest))
-    return {"output": str(output), "library": lib_name, "seconds": timer.times, "peak_rss_mb": timer.peak_rss_mb,
+    return {"output": str(output), "library": lib_name, "seconds": timer.times,
+            "pipeline_seconds": timer.pipeline_phases, "peak_rss_mb": timer.peak_rss_mb,
             "param_bytes": sum(r["nbytes"] for r in param_records(cache)),
             "kv_cache_bytes_per_sequence": kv_cache_bytes(cfg, context, dtype),
             "memory_usage": built.metadata["memory_usage"]}

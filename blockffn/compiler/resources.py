@@ -19,6 +19,7 @@ class PhaseTimer:
 
     def __init__(self, log):
         self.log, self.times, self.peak_rss_mb = log, {}, {}
+        self.pipeline_phases: dict[str, float] = {}  # seconds of each pipeline phase (inside the "passes" time)
 
     def __call__(self, name: str):
         timer = self
