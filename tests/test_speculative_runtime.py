@@ -14,16 +14,19 @@ import time
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from blockffn import default_model_path
 from blockffn.compiler.compile import CompileOptions, compile_model
 from blockffn.errors import BlockFFNError
 from blockffn.model.checkpoint import load_model
 from blockffn.model.draft import DraftConfig, EagleDraftHead, load_draft, save_draft
+from blockffn.model.speculative import sampling_probs
 from blockffn.runtime.draft import EagleDraft, ModelDraft
 from blockffn.runtime.engine import Engine
 from blockffn.runtime.generation import Generator, SpecConfig
-from blockffn.runtime.sampling import GenerationParams
+from blockffn.runtime.sampling import GenerationParams, top_p_filter
 
 PROMPTS = ["The President said that", "In the beginning of the war, the", "Water is"]
 
@@ -118,6 +121,47 @@ def test_greedy_chain_with_a_draft_model_and_the_adaptive_policy(art, engines, t
     assert list(tmp_path.glob("spec-profile-*.json"))  # the measured costs are cached per library and device
 
 
+def top_p_reference(p, top_p):
+    """Brute force nucleus filter: tokens by descending probability (ties: lower id first) until their mass reaches
+    top_p, the most likely token always; the kept ones renormalised."""
+    p = np.asarray(p, dtype=np.float64)
+    out = np.zeros_like(p)
+    for row, kept in zip(p.reshape(-1, p.shape[-1]), out.reshape(-1, p.shape[-1])):
+        mass = 0.0
+        for i in sorted(range(len(row)), key=lambda i: (-row[i], i)):
+            kept[i] = row[i]
+            mass += row[i]
+            if mass >= top_p:
+                break
+        kept /= kept.sum()
+    return out
+
+
+def test_top_p_reference_by_hand():
+    np.testing.assert_allclose(top_p_reference([0.1, 0.5, 0.2, 0.2], 0.6), [0, 5 / 7, 2 / 7, 0])  # tie: id 2 first
+    np.testing.assert_allclose(top_p_reference([0.1, 0.5, 0.2, 0.2], 0.5), [0, 1, 0, 0])  # mass reached exactly
+    np.testing.assert_allclose(top_p_reference([0.3, 0.7], 0.0), [0, 1])  # the top token always
+    np.testing.assert_allclose(sampling_probs(np.log([0.3, 0.7]), 1.0, 0.0), [0, 1])  # the PyTorch path's filter
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(1, 12).flatmap(lambda v: st.lists(st.lists(st.integers(0, 4), min_size=v, max_size=v).filter(any),
+                                                     min_size=1, max_size=3)), st.data())
+def test_top_p_filter_matches_brute_force(weights, data):
+    """Distributions with ties and zeros (small integer weights); top_p anywhere in [0, 1] or exactly on a prefix
+    mass of the first row (the boundary: that prefix is kept, nothing more)."""
+    w = np.asarray(weights, dtype=np.float64)
+    p = w / w.sum(-1, keepdims=True)
+    masses, acc = [], 0.0
+    for x in sorted(p[0], reverse=True):
+        acc += x
+        masses.append(acc)
+    top_p = data.draw(st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.0, 0.5, 1.0] + masses)), label="top_p")
+    got = top_p_filter(p, top_p)
+    np.testing.assert_allclose(got, top_p_reference(p, top_p), rtol=1e-12, atol=0)
+    assert np.all(got[np.arange(len(p)), np.argmax(p, -1)] > 0)
+
+
 def _first_token_distribution(e, gen, prompt, params, trials):
     """Empirical distribution of the first token a speculative round emits after a fixed root."""
     rng = np.random.default_rng(123)
@@ -148,7 +192,9 @@ def test_sampling_keeps_the_target_distribution(art, engines, draft, mode):
     e.add_sequence(1)
     emp = _first_token_distribution(e, gen, prompt, params, trials=800)
     root = int(np.argmax(e.prefill(1, prompt)))
-    exact = gen.sampler.probs(e.decode(1, root)[None], params)[0]
+    z = e.decode(1, root).astype(np.float64) / params.temperature  # independent of the library's softmax/top-p
+    p = np.exp(z - z.max())
+    exact = top_p_reference(p / p.sum(), params.top_p)
     e.reset()
     tv = 0.5 * np.abs(emp - exact).sum()
     assert tv < 0.15, tv
