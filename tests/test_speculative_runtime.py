@@ -28,6 +28,7 @@ from blockffn.runtime.engine import Engine
 from blockffn.runtime.generation import Generator, SpecConfig
 from blockffn.runtime.prefill_choice import PrefillChoice
 from blockffn.runtime.sampling import GenerationParams, top_p_filter
+from tests.conftest import top_p_reference
 
 PROMPTS = ["The President said that", "In the beginning of the war, the", "Water is"]
 
@@ -123,22 +124,6 @@ def test_greedy_chain_with_a_draft_model_and_the_adaptive_policy(art, engines, t
     adaptive = Generator(e, EagleDraft(art[0] / "draft", e), SpecConfig(mode="tree")).generate(ids, params)
     assert adaptive.tokens == plain.tokens
     assert list(tmp_path.glob("spec-profile-*.json"))  # the measured costs are cached per library and device
-
-
-def top_p_reference(p, top_p):
-    """Brute force nucleus filter: tokens by descending probability (ties: lower id first) until their mass reaches
-    top_p, the most likely token always; the kept ones renormalised."""
-    p = np.asarray(p, dtype=np.float64)
-    out = np.zeros_like(p)
-    for row, kept in zip(p.reshape(-1, p.shape[-1]), out.reshape(-1, p.shape[-1])):
-        mass = 0.0
-        for i in sorted(range(len(row)), key=lambda i: (-row[i], i)):
-            kept[i] = row[i]
-            mass += row[i]
-            if mass >= top_p:
-                break
-        kept /= kept.sum()
-    return out
 
 
 def test_top_p_reference_by_hand():
