@@ -1,5 +1,6 @@
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,4 +47,20 @@ def bundled_cpu_artifact(tmp_path_factory):
                         "--model", default_model_path(), "--target", "cpu", "--context-window", "256",
                         "-o", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    return out
+
+
+def top_p_reference(p, top_p):
+    """Brute force nucleus filter: tokens by descending probability (ties: lower id first) until their mass reaches
+    top_p, the most likely token always; the kept ones renormalised."""
+    p = np.asarray(p, dtype=np.float64)
+    out = np.zeros_like(p)
+    for row, kept in zip(p.reshape(-1, p.shape[-1]), out.reshape(-1, p.shape[-1])):
+        mass = 0.0
+        for i in sorted(range(len(row)), key=lambda i: (-row[i], i)):
+            kept[i] = row[i]
+            mass += row[i]
+            if mass >= top_p:
+                break
+        kept /= kept.sum()
     return out

@@ -12,6 +12,7 @@ import torch
 from blockffn import default_model_path
 from blockffn.model import load_model
 from blockffn.runtime.engine import Engine
+from tests.conftest import top_p_reference
 
 
 def run(*args, check=True, entry="blockffn"):
@@ -61,10 +62,34 @@ def test_sparse_and_dense_lowering_generate_the_same_tokens(artifact, tmp_path):
     assert a["tokens"] == b["tokens"]
 
 
-def test_sampling_is_seeded_and_uses_the_library_softmax(artifact):
-    args = ("generate", "--artifact", artifact, "--prompt", "The sea", "--max-tokens", 16, "--temperature", 0.9,
-            "--top-p", 0.9, "--seed", 7, "--json")
-    assert json.loads(run(*args).stdout)["tokens"] == json.loads(run(*args).stdout)["tokens"]
+def sampled_reference(artifact, prompt, max_tokens, temperature, top_p, seed):
+    """Tokens drawn from the artifact's logits with a numpy softmax(logits / T) and a brute-force nucleus, by inverse
+    CDF on the uniforms of default_rng(seed) (one per token, as the runtime draws), stopping after EOS."""
+    e = Engine(artifact)
+    e.add_sequence(0)
+    rng = np.random.default_rng(seed)
+    logits, tokens = e.prefill(0, e.tokenizer.encode(prompt).ids), []
+    while len(tokens) < max_tokens:
+        z = logits.astype(np.float64) / temperature
+        q = np.exp(z - z.max())
+        c = np.cumsum(top_p_reference(q / q.sum(), top_p))
+        tokens.append(int(np.argmax(c > rng.random() * c[-1])))
+        if tokens[-1] == e.cfg.eos_token_id:
+            break
+        logits = e.decode(0, tokens[-1])
+    return tokens
+
+
+def test_sampling_is_seeded_and_follows_temperature_and_top_p(artifact):
+    def sample(temperature, top_p):
+        return json.loads(run("generate", "--artifact", artifact, "--prompt", "The sea", "--max-tokens", 16,
+                              "--temperature", temperature, "--top-p", top_p, "--seed", 7, "--json").stdout)["tokens"]
+
+    runs = {(t, p): sample(t, p) for t, p in ((0.9, 0.9), (1.6, 0.95), (0.9, 0.3))}
+    for (t, p), tokens in runs.items():
+        assert tokens == sampled_reference(artifact, "The sea", 16, t, p, 7), (t, p)
+    assert sample(0.9, 0.9) == runs[0.9, 0.9]  # seeded
+    assert len({tuple(t) for t in runs.values()}) == 3  # same seed, other settings: other tokens
 
 
 @pytest.mark.parametrize("quantization", ["q0f16", "q0bf16"])

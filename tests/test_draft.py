@@ -101,7 +101,10 @@ def test_mismatched_target_is_one_line_error(target):
 def test_bundled_target_ignores_its_draft_folder(target):
     assert (BUNDLED / "draft" / "model.safetensors").exists()
     assert not any(k.startswith(("fc.", "layers.")) for k in read_tensors(BUNDLED))
-    assert sum(p.numel() for p in target.parameters()) == target.num_parameters()
+    stored = read_tensors(BUNDLED)  # the target holds exactly the tensors of its own checkpoint, no draft weights
+    params = dict(target.named_parameters())
+    assert set(params) == set(stored) and all(params[k].shape == stored[k].shape for k in stored)
+    assert target.num_parameters() == sum(t.numel() for t in stored.values())
 
 
 # ---------------------------------------------------------------------------------------------------------- trees
@@ -114,21 +117,44 @@ def test_verify_layout_masks_ancestors():
 
 
 def test_dynamic_tree_keeps_best_candidates_with_their_parents():
-    rng = np.random.default_rng(0)
-    logp = lambda k: np.log(rng.dirichlet(np.ones(50) * 0.3, size=k))  # noqa: E731
-    b = DynamicTree(topk=4, depth=3, num_nodes=9)
-    b.start(logp(1)[0])
+    # the draft's log-probs after a path are a fixed random function of the path (the token ids after the root)
+    rows = {}
+    logp = lambda path: rows.setdefault(path, np.log(np.random.default_rng(list(path) + [len(path)])  # noqa: E731
+                                                     .dirichlet(np.ones(50) * 0.1)))
+    b = DynamicTree(topk=4, depth=3, num_nodes=20)
+    b.start(logp(()))
+    slot_path = {}  # draft KV slot -> the path of the node expanded into it
     while not b.done:
         toks, depths, hidden_from, mask = b.frontier_inputs()
         assert len(toks) == 4 and mask.shape[1] == len(b.slot_of) and mask[np.arange(4), -4 + np.arange(4)].all()
-        b.expand(logp(len(toks)))
+        before = mask.shape[1] - len(toks)
+        paths = [(slot_path[h] if h >= 0 else ()) + (int(t),) for h, t in zip(hidden_from, toks)]
+        slot_path.update({before + r: path for r, path in enumerate(paths)})
+        assert [len(path) for path in paths] == depths.tolist()
+        b.expand(np.stack([logp(path) for path in paths]))
     tree = b.finish()
-    assert len(tree) == 9 and np.all(tree.parents < np.arange(9)) and tree.depths.max() <= 3
-    scores = np.asarray(b.scores)
-    assert np.sort(scores)[-9] <= scores.max()
-    kept = np.sort(np.argsort(-scores, kind="stable")[:9])
-    assert tree.tokens.tolist() == [b.tokens[c] for c in kept]
+    assert len(tree) == 20 and np.all(tree.parents < np.arange(20)) and tree.depths.max() <= 3
     assert all(tree.depths[i] == (1 if p < 0 else tree.depths[p] + 1) for i, p in enumerate(tree.parents))
+
+    # brute force: level 1 = the 4 best tokens after the root; each level the 4 best children of every frontier
+    # path are candidates and the 4 best candidates are the next frontier; the tree = the 20 best candidates
+    def score(path):
+        return sum(logp(path[:i])[t] for i, t in enumerate(path))
+
+    def children(path):
+        return [path + (t,) for t in sorted(range(50), key=lambda t: -logp(path)[t])[:4]]
+
+    candidates, frontier = [], [()]
+    for _ in range(3):
+        level = [c for f in frontier for c in children(f)]
+        candidates += level
+        frontier = sorted(level, key=score, reverse=True)[:4]
+    expected = set(sorted(candidates, key=score, reverse=True)[:20])
+    assert {len(path) for path in expected} == {1, 2, 3}  # the frontier choice at each level matters
+    got = []
+    for i, p in enumerate(tree.parents):
+        got.append((got[p] if p >= 0 else ()) + (int(tree.tokens[i]),))
+    assert set(got) == expected and len(got) == 20
 
 
 def draft_and_verify(target, draft, ids, spec):
@@ -364,7 +390,9 @@ def test_generate_with_bundled_draft_matches_plain_greedy(target, tokenizer):
     assert spec.returncode == 0, spec.stderr
     out = json.loads(spec.stdout)
     plain = generate(target, tokenizer.encode("The whale").ids, SamplingParams(max_tokens=16, greedy=True))
-    assert out["tokens"] == plain["tokens"] and out["mean_accepted"] >= 1.0
+    assert out["tokens"] == plain["tokens"]
+    # 1.0 = only the bonus token each round; the trained draft gets drafts through, at most a root-to-leaf path
+    assert 1.5 < out["mean_accepted"] <= SpecParams().depth + 1
 
 
 def test_train_draft_on_a_folder_without_model_fails_with_one_line(tmp_path):

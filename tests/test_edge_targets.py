@@ -14,6 +14,7 @@ from blockffn import default_model_path
 from blockffn.cli import compile_main
 from blockffn.artifacts.verify import verify_artifact
 from blockffn.compiler.compile import CompileOptions, compile_model, system_lib_prefix
+from blockffn.errors import BlockFFNError
 from blockffn.targets import get_target
 
 
@@ -77,8 +78,10 @@ def test_jetson_shared_library_is_aarch64_with_sm87_fatbin(tmp_path):
 def test_aliases_and_arch_override():
     assert get_target("jetson-agx-orin").name == "jetson" and get_target("JETSON-ORIN-NANO").name == "jetson"
     assert get_target("cuda").target_json("87")["arch"] == "sm_87"
-    with pytest.raises(Exception, match="CUDA targets only"):
+    with pytest.raises(BlockFFNError, match="^--arch applies to CUDA targets only, not android$"):
         get_target("android").target_json("sm_87")
+    with pytest.raises(BlockFFNError, match="^--arch must look like sm_87 or 87, got 'ampere'$"):
+        get_target("cuda").target_json("ampere")
 
 
 @pytest.mark.parametrize("target,output", [("android", "m.dylib"), ("android-mali", "m.so"), ("iphone", "m.so"),

@@ -233,3 +233,61 @@ def test_verify_low_row_kernels_match_the_prefill_kernels(verify_kernels, T):
         run.run_primfunc(name, inputs, [got])
         run.run_primfunc(name[: -len("_rows8")], inputs, [want])
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+def _pack_q4(codes):
+    """codes [..., K] in 0..15 -> uint32 words [..., K/8], code j of a word at bits 4·(j % 8) (written out bit by
+    bit here, independently of `blockffn.compiler.quantization`)."""
+    words = np.zeros((*codes.shape[:-1], codes.shape[-1] // 8), np.uint64)
+    for j in range(8):
+        words |= codes[..., j::8].astype(np.uint64) << np.uint64(4 * j)
+    return words.astype(np.uint32)
+
+
+@pytest.mark.parametrize("d", [256, 1024], ids=["d256-lane-words", "d1024-16B-loads"])
+@pytest.mark.parametrize("T,chunk", [(1, None), (5, None), (13, None), (5, 4), (13, 4)])
+def test_q4_gpu_up_and_down_kernels_match_numpy(device, T, chunk, d):
+    """`sparse_q4.up_kernel_gpu` / `down_kernel_gpu` alone on the device, at decode (T=1, token tile 1), prefill and
+    tree-verify token counts, one union per call or per 4 tokens, over a union of fewer slots than experts, against
+    fp64 numpy on weights dequantized as (code − 7)·scale: up fills h[t, slot] = silu(x·up_e)·gate_e for the slots
+    below the count (the others stay unwritten); down's split-K partials sum to Σ_slot h[t, slot]·down_e."""
+    from blockffn.schedules.chunking import Chunking
+    from blockffn.schedules.sparse_q4 import down_kernel_gpu, down_splits_gpu, up_kernel_gpu
+
+    _, ctx, queue = device
+    E, De, G = 8, 64, 32
+    rng = np.random.default_rng(T * 10 + (chunk or 0) + d)
+    tile = 1 if T == 1 else 4
+    mod = tvm.IRModule({"up": up_kernel_gpu(E, De, d, "float32", chunk, token_tile=tile),
+                        "down": down_kernel_gpu(E, De, d, "float32", chunk, token_tile=tile)})
+    run = PoCLInterpreter(mod, get_target("android").tvm_target(), ctx, queue)
+    up_codes, down_codes = rng.integers(0, 16, (E, De, d)), rng.integers(0, 16, (E, d, De))
+    up_s, down_s = (rng.uniform(0.005, 0.02, shape).astype("float32") for shape in ((E, De, d // G), (E, d, De // G)))
+    up = (up_codes - 7) * np.repeat(up_s.astype(np.float64), G, -1)  # [E, De, d]
+    down = (down_codes - 7) * np.repeat(down_s.astype(np.float64), G, -1)  # [E, d, De]
+    x = rng.standard_normal((T, d)).astype("float32")
+    gate = rng.random((T, E)).astype("float32")
+    n_chunks = Chunking(chunk).count(T)
+    counts = rng.integers(1, E, n_chunks).astype("int32")  # a union of 1..E-1 of the E experts per chunk
+    idx = np.zeros((n_chunks, E), "int32")
+    for b, c in enumerate(counts):
+        idx[b, :c] = rng.choice(E, c, replace=False)
+    tokens = [range(T)] if chunk is None else [range(b * chunk, min(T, (b + 1) * chunk)) for b in range(n_chunks)]
+
+    h = np.full((T, E, De), np.nan, "float32")
+    run.run_primfunc("up", [x, gate, _pack_q4(up_codes), up_s, idx, counts], [h])
+    for b, ts in enumerate(tokens):
+        for t in ts:
+            for j in range(counts[b]):
+                z = up[idx[b, j]] @ x[t].astype(np.float64)
+                np.testing.assert_allclose(h[t, j], z / (1 + np.exp(-z)) * gate[t, idx[b, j]], rtol=1e-4, atol=1e-5)
+            assert np.isnan(h[t, counts[b]:]).all()
+
+    h_in = rng.standard_normal((T, E, De)).astype("float32")
+    part = np.full((down_splits_gpu(E, d, chunk), T, d), np.nan, "float32")
+    run.run_primfunc("down", [h_in, _pack_q4(down_codes), down_s, idx, counts], [part])
+    want = np.zeros((T, d))
+    for b, ts in enumerate(tokens):
+        for t in ts:
+            want[t] = sum(down[idx[b, j]] @ h_in[t, j].astype(np.float64) for j in range(counts[b]))
+    np.testing.assert_allclose(part.sum(0), want, rtol=1e-4, atol=1e-4)

@@ -14,16 +14,21 @@ import time
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from blockffn import default_model_path
 from blockffn.compiler.compile import CompileOptions, compile_model
 from blockffn.errors import BlockFFNError
 from blockffn.model.checkpoint import load_model
 from blockffn.model.draft import DraftConfig, EagleDraftHead, load_draft, save_draft
+from blockffn.model.speculative import sampling_probs
 from blockffn.runtime.draft import EagleDraft, ModelDraft
 from blockffn.runtime.engine import Engine
 from blockffn.runtime.generation import Generator, SpecConfig
-from blockffn.runtime.sampling import GenerationParams
+from blockffn.runtime.prefill_choice import PrefillChoice
+from blockffn.runtime.sampling import GenerationParams, top_p_filter
+from tests.conftest import top_p_reference
 
 PROMPTS = ["The President said that", "In the beginning of the war, the", "Water is"]
 
@@ -95,10 +100,13 @@ def test_greedy_speculation_is_lossless(art, engines, ffn, mode):
     for text in PROMPTS:
         ids = _ids(e, text)
         plain = Generator(e).generate(ids, params)
-        spec = Generator(e, draft, SpecConfig(mode=mode, chain_len=3, adaptive=False)).generate(ids, params)
+        cfg = SpecConfig(mode=mode, chain_len=3, adaptive=False)
+        spec = Generator(e, draft, cfg).generate(ids, params)
         assert spec.tokens == plain.tokens, (text, mode, ffn)
-        assert spec.accepted and all(1 <= a <= (4 if mode == "chain" else 4) for a in spec.accepted)
-        assert sum(spec.accepted) + 1 >= len(spec.tokens)
+        longest = (cfg.chain_len if mode == "chain" else cfg.depth) + 1  # a drafted root-to-leaf path + the bonus
+        assert spec.accepted and all(1 <= a <= longest for a in spec.accepted), (spec.accepted, longest)
+        # every round but the last started short of max_tokens; the rounds emitted all the tokens after the first
+        assert 1 + sum(spec.accepted[:-1]) < params.max_tokens == len(spec.tokens) <= 1 + sum(spec.accepted)
 
 
 def test_greedy_chain_with_a_draft_model_and_the_adaptive_policy(art, engines, tmp_path, monkeypatch):
@@ -116,6 +124,31 @@ def test_greedy_chain_with_a_draft_model_and_the_adaptive_policy(art, engines, t
     adaptive = Generator(e, EagleDraft(art[0] / "draft", e), SpecConfig(mode="tree")).generate(ids, params)
     assert adaptive.tokens == plain.tokens
     assert list(tmp_path.glob("spec-profile-*.json"))  # the measured costs are cached per library and device
+
+
+def test_top_p_reference_by_hand():
+    np.testing.assert_allclose(top_p_reference([0.1, 0.5, 0.2, 0.2], 0.6), [0, 5 / 7, 2 / 7, 0])  # tie: id 2 first
+    np.testing.assert_allclose(top_p_reference([0.1, 0.5, 0.2, 0.2], 0.5), [0, 1, 0, 0])  # mass reached exactly
+    np.testing.assert_allclose(top_p_reference([0.3, 0.7], 0.0), [0, 1])  # the top token always
+    np.testing.assert_allclose(sampling_probs(np.log([0.3, 0.7]), 1.0, 0.0), [0, 1])  # the PyTorch path's filter
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(1, 12).flatmap(lambda v: st.lists(st.lists(st.integers(0, 4), min_size=v, max_size=v).filter(any),
+                                                     min_size=1, max_size=3)), st.data())
+def test_top_p_filter_matches_brute_force(weights, data):
+    """Distributions with ties and zeros (small integer weights); top_p anywhere in [0, 1] or exactly on a prefix
+    mass of the first row (the boundary: that prefix is kept, nothing more)."""
+    w = np.asarray(weights, dtype=np.float64)
+    p = w / w.sum(-1, keepdims=True)
+    masses, acc = [], 0.0
+    for x in sorted(p[0], reverse=True):
+        acc += x
+        masses.append(acc)
+    top_p = data.draw(st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.0, 0.5, 1.0] + masses)), label="top_p")
+    got = top_p_filter(p, top_p)
+    np.testing.assert_allclose(got, top_p_reference(p, top_p), rtol=1e-12, atol=0)
+    assert np.all(got[np.arange(len(p)), np.argmax(p, -1)] > 0)
 
 
 def _first_token_distribution(e, gen, prompt, params, trials):
@@ -148,7 +181,9 @@ def test_sampling_keeps_the_target_distribution(art, engines, draft, mode):
     e.add_sequence(1)
     emp = _first_token_distribution(e, gen, prompt, params, trials=800)
     root = int(np.argmax(e.prefill(1, prompt)))
-    exact = gen.sampler.probs(e.decode(1, root)[None], params)[0]
+    z = e.decode(1, root).astype(np.float64) / params.temperature  # independent of the library's softmax/top-p
+    p = np.exp(z - z.max())
+    exact = top_p_reference(p / p.sum(), params.top_p)
     e.reset()
     tv = 0.5 * np.abs(emp - exact).sum()
     assert tv < 0.15, tv
@@ -266,8 +301,6 @@ def test_chat_repl_in_a_pseudo_terminal(art, tmp_path):
 
 
 def test_prefill_choice_interpolates_measured_costs():
-    from blockffn.runtime.prefill_choice import PrefillChoice
-
     choice = PrefillChoice({"sparse": {"16": 1.0, "128": 5.0}, "dense": {"16": 2.0, "128": 4.0}})
     assert not choice.dense(16) and not choice.dense(60)  # the lines cross at 72 tokens
     assert choice.dense(90) and choice.dense(128) and choice.dense(500)
@@ -291,8 +324,10 @@ def test_prefill_runs_chunked_union_or_dense_whichever_measured_faster(art, tmp_
     choice = auto._prefill_choice
     assert choice is not None and list(tmp_path.glob("prefill-choice-*.json"))  # measured once, cached
     assert set(choice.summary()) == {16, 64}  # calibration lengths, capped by the artifact's prefill chunk
-    for n in (8, len(ids)):
-        assert auto.prefill_function("prefill", n) == ("prefill_dense" if choice.dense(n) else "prefill")
+    # the function run per length follows the costs: hand-set ones whose lines cross at 28 tokens
+    auto._prefill_choice = PrefillChoice({"sparse": {"16": 1.0, "64": 7.0}, "dense": {"16": 2.0, "64": 4.0}})
+    assert [auto.prefill_function("prefill", n) for n in (8, 20, 30, len(ids))] == \
+        ["prefill", "prefill", "prefill_dense", "prefill_dense"]
     assert engines_["sparse"].prefill_function("prefill", len(ids)) == "prefill"
     params = GenerationParams(max_tokens=16, greedy=True, stop_at_eos=False)
     tokens = {ffn: Generator(e).generate(ids, params).tokens for ffn, e in engines_.items()}

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from blockffn.model import load_model
 
@@ -74,12 +75,46 @@ def test_training_reduces_loss_and_resumes(corpus, tmp_path):
     assert [h["step"] for h in hist2] == [41, 42, 43, 44, 45]
 
 
+DDP_PROBE = """
+import sys, torch
+from blockffn.cli import main
+from blockffn.train.trainer import Trainer
+
+sample, train, seen = Trainer.sample_batch, Trainer.train, []
+
+def sample_batch(self, step):
+    batch = sample(self, step)
+    seen.append(batch["input_ids"].clone())
+    return batch
+
+def train_and_dump(self):  # each rank: the windows it drew and its parameters after the last step
+    result = train(self)
+    torch.save({"inputs": seen, "params": {k: v.detach().clone() for k, v in self.model.state_dict().items()}},
+               f"{self.tc.output_dir}/rank{self.rank}.pt")
+    return result
+
+Trainer.sample_batch, Trainer.train = sample_batch, train_and_dump
+main(sys.argv[1:])
+"""
+
+
 def test_torchrun_two_processes_on_cpu(corpus, tmp_path):
     out = tmp_path / "ddp"
-    run("torch.distributed.run", "--standalone", "--nproc_per_node", 2, "-m", "blockffn.cli", "train",
+    (tmp_path / "probe.py").write_text(DDP_PROBE)
+    run("torch.distributed.run", "--standalone", "--nproc_per_node", 2, tmp_path / "probe.py", "train",
         "--data", corpus / "data", "--output", out, "--config", corpus / "config.json", "--steps", 6,
         "--save-every", 0, *TRAIN_ARGS)
     hist = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert len(hist) == 6
     state = json.loads((out / "model" / "training_summary.json").read_text())["state"]
-    assert state["tokens"] == 6 * 8 * 64 * 2  # both ranks contributed tokens
+    assert state["tokens"] == 6 * 8 * 64 * 2
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    # the ranks drew different windows at every step ...
+    assert len(r0["inputs"]) == len(r1["inputs"]) == 6
+    assert all(a.shape == (8, 64) and not torch.equal(a, b) for a, b in zip(r0["inputs"], r1["inputs"]))
+    # ... and DDP averaged the gradients: both end with the same parameters, the ones rank 0 saved
+    assert r0["params"].keys() == r1["params"].keys()
+    assert all(torch.equal(r0["params"][k], r1["params"][k]) for k in r0["params"]), \
+        [k for k in r0["params"] if not torch.equal(r0["params"][k], r1["params"][k])][:3]
+    saved = load_model(out / "model", dtype="float32").state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in r0["params"].items())

@@ -248,6 +248,7 @@ def sampling_probs(logits: np.ndarray, temperature: float, top_p: float = 1.0) -
         order = np.argsort(-p, axis=-1, kind="stable")
         sp = np.take_along_axis(p, order, -1)
         keep = np.cumsum(sp, -1) - sp < top_p
+        keep[..., 0] = True  # the top token even at top_p <= 0
         sp = np.where(keep, sp, 0.0)
         p = np.zeros_like(p)
         np.put_along_axis(p, order, sp, -1)

@@ -34,7 +34,11 @@ def top_p_filter(p: np.ndarray, top_p: float) -> np.ndarray:
         return p / p.sum(-1, keepdims=True)
     order = np.argsort(-p, axis=-1, kind="stable")
     sp = np.take_along_axis(p, order, -1)
-    sp = np.where(np.cumsum(sp, -1) - sp < top_p, sp, 0.0)
+    before = np.cumsum(sp, -1)  # mass of the more likely tokens, summed in order (not cumsum - p: rounding
+    before = np.concatenate([np.zeros_like(before[..., :1]), before[..., :-1]], -1)  # keeps an extra token)
+    keep = before < top_p
+    keep[..., 0] = True  # the top token even at top_p <= 0 (else nothing is kept: 0/0)
+    sp = np.where(keep, sp, 0.0)
     out = np.zeros_like(p)
     np.put_along_axis(out, order, sp, -1)
     return out / out.sum(-1, keepdims=True)
