@@ -334,8 +334,9 @@ def state_dict_for_save(model: BlockFFNForCausalLM) -> dict[str, torch.Tensor]:
 
 def save_model(model: BlockFFNForCausalLM, folder: str | Path, dtype: str | torch.dtype = "bfloat16",
                max_shard_bytes: int | None = None, tokenizer_dir: str | Path | None = None,
-               extra_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
-    """Write an official-format model folder atomically (temp folder, then rename)."""
+               extra_files: dict[str, str] | None = None, overwrite: bool = False, also=None) -> Path:
+    """Write an official-format model folder atomically (temp folder, then rename); ``also(tmp)`` may add files
+    that must appear together with the weights (a trainer's state)."""
     folder = Path(folder)
     dt = resolve_dtype(dtype)
     cfg = model.config.replace(torch_dtype={torch.float32: "float32", torch.float16: "float16",
@@ -348,6 +349,8 @@ def save_model(model: BlockFFNForCausalLM, folder: str | Path, dtype: str | torc
             copy_tokenizer(tokenizer_dir, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        if also is not None:
+            also(tmp)
     return folder
 
 
