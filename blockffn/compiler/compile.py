@@ -396,7 +396,8 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
                                       tmp / DRAFT_FOLDER, build_draft_library, log, opts.max_batch_size, context)
         write_chat_config(cfg, opts.quantization, context, prefill_chunk, opts.max_batch_size, tmp)
         manifest = layout.manifest_from_metadata(built.metadata, lib_name)
-        manifest.update(created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        manifest.update(**library_fields(tmp / lib_name),
+                        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         source=cache["metadata"]["blockffn"]["source"], draft=draft_entry,
                         compile_seconds=timer.times, peak_rss_mb=timer.peak_rss_mb)
         (tmp / layout.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
