@@ -97,7 +97,11 @@ def load_tokenizer(folder: Path):
     path = Path(folder) / "tokenizer.json"
     if not path.exists():
         raise DataError(f"{path}: missing tokenizer (a model folder needs tokenizer.json)")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed JSON or an unknown model
+        raise DataError(f"{path}: not a valid tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                        ) from None
 
 
 @dataclass

@@ -104,6 +104,17 @@ def check_tensors(tensors: dict[str, torch.Tensor], cfg: BlockFFNConfig, source:
     # some exporters write a tied head explicitly; it is dropped on load
     ignore = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
     check_named_shapes(tensors, expected_shapes(cfg), source, ignore=ignore)
+    for name, t in tensors.items():
+        check_finite(name, t, source)
+
+
+def check_finite(name: str, t: torch.Tensor, source: str) -> None:
+    """A NaN or infinite weight (a diverged run, a corrupted file) would make every output NaN: refuse it at load,
+    naming the tensor, instead of generating garbage or failing deep inside sampling."""
+    if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{source}: tensor '{name}' holds {bad} NaN or infinite value(s) (a diverged or "
+                              f"corrupted checkpoint)")
 
 
 def check_named_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str,
@@ -292,7 +303,9 @@ class TensorSource:
             return self.get("model.embed_tokens.weight")
         stored = self._source_of[name]
         out = None
-        for ours, t in official_layout(stored, self._load_stored(stored), self.cfg):
+        loaded = self._load_stored(stored)
+        check_finite(stored, loaded, str(self.folder))
+        for ours, t in official_layout(stored, loaded, self.cfg):
             if ours == name:
                 out = t.contiguous()
             else:
