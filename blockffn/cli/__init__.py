@@ -18,6 +18,7 @@ from blockffn.cli import artifact_commands, model_commands, run_commands  # noqa
 from blockffn.cli.artifact_commands import compile_entry
 from blockffn.cli.base import _echo_err, cli
 from blockffn.errors import BlockFFNError
+from blockffn.validation import OptionError
 
 __all__ = ["cli", "compile_main", "main"]
 
@@ -32,9 +33,18 @@ def _run(command: click.Command, argv, prog_name: str) -> None:
     except click.exceptions.Abort:
         _echo_err("aborted")
         sys.exit(1)
-    except click.ClickException as e:
+    except click.exceptions.NoArgsIsHelpError as e:  # `blockffn` alone: the help text
         e.show()
         sys.exit(e.exit_code)
+    except click.UsageError as e:  # one line, not Click's usage block (the hint to --help is in every command)
+        _echo_err(e.format_message().rstrip("."))
+        sys.exit(2)
+    except click.ClickException as e:
+        _echo_err(e.format_message())
+        sys.exit(e.exit_code)
+    except OptionError as e:
+        _echo_err(str(e))
+        sys.exit(2)
     except BlockFFNError as e:
         _echo_err(str(e))
         sys.exit(1)
