@@ -40,9 +40,20 @@ def check_library(manifest: dict, library: Path, manifest_path: Path) -> None:
                              f"artifact; recompile or copy the artifact again)")
 
 
+def check_compiled_sizes(metadata: dict, library: Path, **stated) -> None:
+    """The sizes a runtime took from a manifest (``context_window_size=...``) must be those in the library's
+    ``_metadata``: the library is pinned by its sha256, the manifest's numbers are not, and a KV cache sized past the
+    compiled bounds would let kernels index past their buffers."""
+    for key, value in stated.items():
+        if key in metadata and metadata[key] != value:
+            raise ArtifactError(f"{library}: compiled for {key} {metadata[key]}, but the manifest says {value!r} (a "
+                                f"damaged manifest; recompile the artifact)")
+
+
 # key -> type every manifest reader relies on
 MANIFEST_TYPES = {"target": dict, "library": str, "quantization": str, "versions": dict, "params": list,
-                  "functions": list}
+                  "functions": list, "dtype": str, "ffn": dict, "max_batch_size": int, "context_window_size": int,
+                  "prefill_chunk_size": int}
 TARGET_TYPES = {"name": str, "device": str, "tvm_target": dict, "host_triple": str}
 
 

@@ -5,12 +5,15 @@ logit functions.
 
 from __future__ import annotations
 
+import json
+
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from blockffn.artifacts.integrity import check_compiled_sizes
 from blockffn.artifacts.reader import Artifact, ArtifactError, open_artifact
 from blockffn.errors import BlockFFNError
 from blockffn.sampling_params import SamplingParams
@@ -58,6 +61,8 @@ class PagedModel:
             raise ArtifactError(f"{library}: cannot be loaded ({str(e).splitlines()[0]})") from None
         self.lib = lib
         self.vm = VirtualMachine(lib, self.dev)
+        check_compiled_sizes(json.loads(str(self.vm["_metadata"]())), library, context_window_size=context_window,
+                             prefill_chunk_size=prefill_chunk, max_batch_size=max_batch)
         self.params = self._load_params(param_names)
         self._f = {name: tvm.get_global_func(f"vm.builtin.{name}") for name in (
             "kv_state_add_sequence", "kv_state_remove_sequence", "kv_state_fork_sequence",
