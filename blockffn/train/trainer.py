@@ -26,7 +26,7 @@ from blockffn.errors import CheckpointError, DataError
 from blockffn.model.checkpoint import load_model, save_model
 from blockffn.model.config import BlockFFNConfig
 from blockffn.model.modeling import BlockFFNForCausalLM
-from blockffn.outputs import CLAIM
+from blockffn.outputs import CLAIM, OutputError
 from blockffn.train.evaluate import evaluate, window_batch
 from blockffn.train.lambda_scheduler import AdaptiveLambda
 from blockffn.train.losses import activation_locality_loss, chunk_sparsity_loss
@@ -113,6 +113,8 @@ class Trainer:
     def __init__(self, tc: TrainConfig, model_config: BlockFFNConfig | None = None, log=print, progress=None):
         self.tc = tc
         self.log = log
+        if Path(tc.output_dir).exists() and not Path(tc.output_dir).is_dir():
+            raise OutputError(f"{tc.output_dir}: exists and is not a folder (give a folder for the run)")
         self.rank, self.world = setup_distributed()
         if tc.threads:
             torch.set_num_threads(tc.threads)
