@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from blockffn.artifacts.layout import LIBRARY_MANIFEST_KEY
 from blockffn.artifacts.weights import file_digest
 from blockffn.errors import BlockFFNError
 
@@ -40,14 +41,23 @@ def check_library(manifest: dict, library: Path, manifest_path: Path) -> None:
                              f"artifact; recompile or copy the artifact again)")
 
 
-def check_compiled_sizes(metadata: dict, library: Path, **stated) -> None:
-    """The sizes a runtime took from a manifest (``context_window_size=...``) must be those in the library's
-    ``_metadata``: the library is pinned by its sha256, the manifest's numbers are not, and a KV cache sized past the
-    compiled bounds would let kernels index past their buffers."""
-    for key, value in stated.items():
-        if key in metadata and metadata[key] != value:
-            raise ArtifactError(f"{library}: compiled for {key} {metadata[key]}, but the manifest says {value!r} (a "
-                                f"damaged manifest; recompile the artifact)")
+def check_agrees_with_library(metadata: dict, library: Path, stated: dict) -> None:
+    """What a runtime took from a manifest (``stated``) must be what the loaded library's ``_metadata`` says: the
+    library is pinned by its sha256, the manifest's other fields are not, and e.g. a KV cache sized past the compiled
+    bounds would let kernels index past their buffers.  A model library embeds its half of the manifest (the
+    ``blockffn`` entry: target, dtype, sizes, layout, versions), all of which must agree, as must its FFN lowering,
+    function list and parameters; a draft library's sizes are top-level ``_metadata`` keys."""
+    embedded = metadata.get(LIBRARY_MANIFEST_KEY)
+    if isinstance(embedded, dict):
+        reference = dict(embedded, ffn=metadata.get("ffn"), functions=metadata.get("functions"),
+                         params=[{k: p.get(k) for k in ("name", "shape", "dtype")} for p in metadata.get("params", [])])
+        keys = sorted(reference)
+    else:
+        reference, keys = metadata, sorted(stated.keys() & metadata.keys())
+    for key in keys:
+        if stated.get(key) != reference[key]:
+            raise ArtifactError(f"{library}: compiled with {key} {str(reference[key])[:60]}, but the manifest says "
+                                f"{str(stated.get(key))[:60]} (a damaged manifest; recompile the artifact)")
 
 
 # key -> type every manifest reader relies on
