@@ -190,6 +190,7 @@ class files_into_dir:
         return {p for pattern in self.owned for p in self.target.glob(pattern)} if self.target.is_dir() else set()
 
     def __enter__(self) -> Path:
+        clean_leftovers(self.target)
         if self.target.exists() and not self.target.is_dir():
             raise OutputError(f"{self.target}: exists and is not a folder")
         if self._existing_owned() and not self.overwrite:

@@ -4,6 +4,7 @@ existed before it byte-identical.  Cases that read an artifact or model work on 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import json
@@ -405,3 +406,20 @@ def test_json_output_has_no_nan():
     text = to_json({"ppl": float("nan"), "cls": {"64": [1.0, float("inf")]}})
     strict = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}"))
     assert strict == {"ppl": None, "cls": {"64": [1.0, None]}}
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_a_full_or_read_only_disk_is_one_line(code, capsys):
+    """Root (as in CI) writes through permissions, so the disk errors are raised directly."""
+    import click
+
+    from blockffn.cli import _run
+
+    @click.command()
+    def write():
+        raise OSError(code, os.strerror(code), "/data/out/model.safetensors")
+
+    with pytest.raises(SystemExit) as exit_:
+        _run(write, [], "blockffn")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.splitlines() == [f"error: /data/out/model.safetensors: {os.strerror(code)}"]

@@ -9,6 +9,8 @@ package wires them into the `blockffn` group and the two console scripts.
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 import time
 
@@ -23,6 +25,7 @@ from blockffn.validation import OptionError
 __all__ = ["cli", "compile_main", "main"]
 
 EXTRAS = {"torch": "compile", "safetensors": "compile"}  # optional packages -> the extra that installs them
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def _run(command: click.Command, argv, prog_name: str) -> None:
@@ -55,6 +58,12 @@ def _run(command: click.Command, argv, prog_name: str) -> None:
         name = e.name.split(".")[0]
         _echo_err(f"this command needs {name}, which is not installed: pip install 'blockffn[{EXTRAS[name]}]'")
         sys.exit(2)
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        # a full, read-only or forbidden disk is the user's to fix: one line naming the path
+        _echo_err(f"{e.filename or 'output'}: {e.strerror or os.strerror(e.errno)}")
+        sys.exit(1)
     except KeyboardInterrupt:
         _echo_err(f"interrupted after {time.time() - start:.0f}s")
         sys.exit(130)
