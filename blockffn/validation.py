@@ -89,6 +89,8 @@ def utf8_text(ctx, param, value):
     surrogates, which the tokenizer cannot take)."""
     if value is None:
         return value
+    if isinstance(value, tuple):  # a repeatable option
+        return tuple(utf8_text(ctx, param, v) for v in value)
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:

@@ -140,6 +140,14 @@ CASES: dict[str, Case] = {
         lambda ws: _then(_edit(ws.art / "blockffn-manifest.json", lambda m: m.pop("target")), ["verify", ws.art])),
     "manifest is a JSON list: verify": Case(
         lambda ws: _then((ws.art / "blockffn-manifest.json").write_text("[1, 2]"), ["verify", ws.art])),
+    "draft manifest without hidden_size: generate": Case(
+        lambda ws: _then(_edit(ws.art / "draft" / "blockffn-draft.json", lambda m: m.pop("hidden_size")),
+                         _gen(ws.art, "--speculative", "chain"))),
+    "draft token_map out of range: verify": Case(
+        lambda ws: _then(_edit(ws.art / "draft" / "blockffn-draft.json", lambda m: m.update(
+            token_map=[10**6] * m["draft_vocab_size"])), ["verify", ws.art])),
+    "non-UTF-8 --stop: generate --artifact": Case(
+        lambda ws: _gen(ws.art, "--stop", b"\xff"), rc=2),
     "manifest without versions: generate": Case(
         lambda ws: _then(_edit(ws.art / "blockffn-manifest.json", lambda m: m.pop("versions")), _gen(ws.art))),
     "chat config without model_config: chat": Case(
@@ -350,6 +358,18 @@ def test_a_live_claim_refuses_a_second_writer_and_a_dead_one_is_cleaned(tmp_path
     assert r.returncode == 0, r.stderr
     assert not leftover.exists() and b"killed run" in r.stderr
     assert (out / "config.json").exists() and not (out / ".blockffn-claim").exists()
+
+
+def test_of_two_concurrent_writers_exactly_one_succeeds(tmp_path):
+    out = tmp_path / "m"
+    argv = [sys.executable, "-m", "blockffn.cli", "init", "--preset", "tiny", "--layers", "1", "-o", str(out)]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read().decode()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 1], results
+    loser = next(err for rc, err in results if rc == 1)
+    assert len(loser.strip().splitlines()) == 1 and ("being written" in loser or "not empty" in loser), loser
+    assert (out / "config.json").exists() and not (out / ".blockffn-claim").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp folder left by either
 
 
 def _dead_pid() -> int:

@@ -65,9 +65,11 @@ MANIFEST_TYPES = {"target": dict, "library": str, "quantization": str, "versions
                   "functions": list, "dtype": str, "ffn": dict, "max_batch_size": int, "context_window_size": int,
                   "prefill_chunk_size": int}
 TARGET_TYPES = {"name": str, "device": str, "tvm_target": dict, "host_triple": str}
+DRAFT_TYPES = {"library": str, "versions": dict, "params": list, "functions": list, "dtype": str, "target": dict,
+               "hidden_size": int, "vocab_size": int, "draft_vocab_size": int}
 
 
-def check_manifest(manifest, path: Path, keys: dict = MANIFEST_TYPES) -> dict:
+def check_manifest(manifest, path: Path, keys: dict = MANIFEST_TYPES, target_keys: dict = TARGET_TYPES) -> dict:
     """``manifest`` if it is an object with every key a reader uses, of the right type; else one line naming the
     first bad key."""
     if not isinstance(manifest, dict):
@@ -77,13 +79,25 @@ def check_manifest(manifest, path: Path, keys: dict = MANIFEST_TYPES) -> dict:
             raise ArtifactError(f"{path}: {_bad(manifest, key, kind)} (a damaged manifest; recompile the artifact)")
     target = manifest.get("target")
     if "target" in keys:
-        for key, kind in TARGET_TYPES.items():
+        for key, kind in target_keys.items():
             if not isinstance(target.get(key), kind):
                 raise ArtifactError(f"{path}: target {_bad(target, key, kind)} (a damaged manifest; recompile)")
     for p in manifest.get("params", []):
         if not (isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("shape"), list)
                 and isinstance(p.get("dtype"), str)):
             raise ArtifactError(f"{path}: a params entry is not {{name, shape, dtype}}: {str(p)[:80]}")
+    return manifest
+
+
+def check_draft_manifest(manifest, path: Path) -> dict:
+    """A draft manifest with the keys the draft runtime reads, and a token map (if any) of distinct in-range ids."""
+    check_manifest(manifest, path, DRAFT_TYPES, {"name": str})
+    tm = manifest.get("token_map")
+    if tm is not None and not (isinstance(tm, list) and len(tm) == manifest["draft_vocab_size"]
+                               and all(isinstance(t, int) and 0 <= t < manifest["vocab_size"] for t in tm)
+                               and len(set(tm)) == len(tm)):
+        raise ArtifactError(f"{path}: token_map is not {manifest['draft_vocab_size']} distinct token ids below "
+                            f"{manifest['vocab_size']} (a damaged manifest; recompile)")
     return manifest
 
 

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from blockffn.artifacts.integrity import ArtifactError, check_library, check_manifest
+from blockffn.artifacts.integrity import ArtifactError, check_draft_manifest, check_library, check_manifest
 from blockffn.artifacts.layout import (CHAT_CONFIG, LIBRARY_MANIFEST_KEY, MANIFEST, TENSOR_CACHE,
                                       config_from_chat_config, manifest_from_metadata)
 from blockffn.artifacts.weights import file_md5
@@ -229,7 +229,7 @@ def open_draft(path: str | Path, verify_md5: bool = True) -> DraftArtifact:
     if manifest.get("format") != DRAFT_FORMAT:
         raise ArtifactError(f"{path / DRAFT_MANIFEST}: format {manifest.get('format')!r}, expected {DRAFT_FORMAT!r}")
     cache = _read_json(path / TENSOR_CACHE)
-    check_manifest(manifest, path / DRAFT_MANIFEST, {"library": str, "versions": dict, "params": list})
+    check_draft_manifest(manifest, path / DRAFT_MANIFEST)
     check_versions(manifest, path / DRAFT_MANIFEST)
     lib = inside(path, manifest.get("library"), "draft manifest library")
     if not lib.is_file():

@@ -24,7 +24,8 @@ def _sampling_options(f):
         click.option("--top-p", type=Number(TOP_P), default=0.95, show_default=True),
         click.option("--repetition-penalty", type=Number(POSITIVE), default=1.0, show_default=True,
                      help="> 1 discourages repeating generated tokens (compiled artifacts)."),
-        click.option("--stop", "stop", multiple=True, help="Stop string (repeatable; compiled artifacts)."),
+        click.option("--stop", "stop", multiple=True, callback=utf8_text,
+                     help="Stop string (repeatable; compiled artifacts)."),
         click.option("--seed", type=Number(SEED), default=0, show_default=True),
     ]
     for o in reversed(opts):
