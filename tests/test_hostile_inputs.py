@@ -261,6 +261,8 @@ CASES: dict[str, Case] = {
     "bench --json naming a folder": Case(
         lambda ws: ["bench", "--artifact", ws.art, "--max-tokens", "4", "--json", ws.unrelated()], rc=2),
     "bench --max-tokens 0": Case(lambda ws: ["bench", "--artifact", ws.art, "--max-tokens", "0"], rc=2),
+    "bench --plot into a missing folder": Case(
+        lambda ws: ["bench", "--artifact", ws.art, "--max-tokens", "4", "--plot", ws.root / "no" / "p.png"], rc=2),
     "bench --plot naming a folder": Case(lambda ws: ["bench", "--artifact", ws.art, "--plot", ws.unrelated()], rc=2),
     "eval text shorter than --seq-len": Case(lambda ws: ["eval", "--text", ws.file("s.txt", "A short text.")]),
     "eval --artifact text shorter than --seq-len": Case(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -214,6 +215,8 @@ def bench_cmd(artifact_dir, device, draft_dir, prompts_file, max_tokens, json_ou
     achieved bandwidth vs a bandwidth figure measured on the same device."""
     from blockffn.runtime.bench import plot, run_bench
 
+    if plot_out and importlib.util.find_spec("matplotlib") is None:  # now, not after the benchmark
+        raise BlockFFNError("--plot needs matplotlib (pip install matplotlib)")
     prompts = None
     if prompts_file:
         prompts = [line.strip() for line in _read_utf8(prompts_file).splitlines() if line.strip()]
