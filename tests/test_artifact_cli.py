@@ -1,5 +1,6 @@
 """blockffn-compile / generate --artifact / inspect through the CLI, and bad input that must fail cleanly."""
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -126,6 +127,10 @@ def test_verify(artifact, broken):
     data = bytearray(lib.read_bytes())
     data[18:20] = (183).to_bytes(2, "little")  # claim aarch64 in the ELF header
     lib.write_bytes(bytes(data))
+    one_line_failure(run("verify", broken, check=False), "sha256 differs")  # not the library compiled
+    manifest = json.loads((broken / "blockffn-manifest.json").read_text())  # re-pinned: the arch check speaks
+    manifest.update(library_sha256=hashlib.sha256(bytes(data)).hexdigest())
+    (broken / "blockffn-manifest.json").write_text(json.dumps(manifest))
     one_line_failure(run("verify", broken, check=False), "needs x86_64")
 
 

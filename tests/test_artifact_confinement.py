@@ -105,3 +105,37 @@ def test_mutated_tensor_cache_fields_are_refused_or_harmless(art, field, value, 
         assert value == before  # accepted only when nothing changed
     finally:
         path.write_text(original)
+
+
+MANIFEST_FIELDS = st.sampled_from(["target", "library", "versions", "params", "quantization", "weight_layout",
+                                   "library_bytes", "library_sha256", "functions", "dtype", "ffn", "max_batch_size",
+                                   "context_window_size", "prefill_chunk_size"])
+MANIFEST_VALUES = st.one_of(VALUES, st.dictionaries(st.sampled_from(["name", "device", "kind", "tvm"]),
+                                                    st.one_of(st.text(max_size=6), st.integers()), max_size=3))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=MANIFEST_FIELDS, value=MANIFEST_VALUES, drop=st.booleans())
+def test_mutated_manifest_fields_are_refused_or_harmless(art, field, value, drop):
+    """Any value (or none) in a manifest field: opening the artifact and setting up its library and KV cache (all
+    a command does before generating) raises ArtifactError unless the field still means the same.  A crash would
+    take the test process down with it."""
+    from blockffn.runtime.engine import Engine
+
+    path = art / "blockffn-manifest.json"
+    original = path.read_text()
+    doc = json.loads(original)
+    before = doc.get(field)
+    if drop:
+        doc.pop(field, None)
+    else:
+        doc[field] = value
+    path.write_text(json.dumps(doc))
+    try:
+        try:
+            Engine(art, verify_md5=False)
+        except ArtifactError:
+            return
+        assert not drop and value == before, (field, value, drop)
+    finally:
+        path.write_text(original)

@@ -68,4 +68,12 @@ def deploy_text(preset, manifest: dict, library_only: bool = False) -> str:
                  + (f", symbol prefix `{prefix}draft_`" if prefix else "")
                  + ") and weights; load it next to the model (MLC: an additional model in eagle mode), or let "
                    "`blockffn generate --artifact . --speculative auto` / `blockffn chat` use it.\n")
-    return head + body
+    return head + body + (TRUST_LIBRARY if library_only else TRUST_ARTIFACT)
+
+
+TRUST_ARTIFACT = ("\nTrust: the model library is native code that runs when loaded. `blockffn-manifest.json` records "
+                  "its size and sha256, which the blockffn runtime checks before loading it (`blockffn verify .` "
+                  "checks everything without loading it); that catches a damaged or mixed-up copy, not a deliberately "
+                  "rewritten folder, so deploy only artifacts you built or received from someone you trust.\n")
+TRUST_LIBRARY = ("\nTrust: the library is native code that runs when loaded, and a library alone has no manifest to "
+                 "pin it; load only libraries you built or received from someone you trust.\n")

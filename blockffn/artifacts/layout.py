@@ -104,13 +104,19 @@ def config_from_chat_config(chat: dict, where) -> BlockFFNConfig:
     return BlockFFNConfig.from_hf_dict({k: v for k, v in model_config.items() if k not in CHAT_ONLY_MODEL_KEYS})
 
 
+_MANIFEST_METADATA_KEYS = (LIBRARY_MANIFEST_KEY, "ffn", "functions", "params", "memory_usage")  # stored apart
+
+
 def manifest_from_metadata(metadata: dict, library: str) -> dict:
     """An artifact manifest from a library's ``_metadata``: its embedded half (target, quantization, weight
     layout, sizes, versions, passes) plus the FFN lowering, exported functions, parameters and memory plan."""
     manifest = dict(metadata[LIBRARY_MANIFEST_KEY])
     manifest.update(library=library, ffn=metadata["ffn"], functions=metadata["functions"],
                     params=[{k: p[k] for k in ("name", "shape", "dtype")} for p in metadata["params"]],
-                    memory_usage=metadata["memory_usage"])
+                    memory_usage=metadata["memory_usage"],
+                    # the rest of _metadata (MLC's keys: model_type, kv_cache, sizes, versions), so that inspect
+                    # shows it without loading the library
+                    metadata={k: v for k, v in metadata.items() if k not in _MANIFEST_METADATA_KEYS})
     manifest.setdefault("draft", None)
     return manifest
 

@@ -10,15 +10,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from blockffn.artifacts.integrity import ArtifactError, check_draft_manifest, check_library, check_manifest
 from blockffn.artifacts.layout import (CHAT_CONFIG, LIBRARY_MANIFEST_KEY, MANIFEST, TENSOR_CACHE,
                                       config_from_chat_config, manifest_from_metadata)
 from blockffn.artifacts.weights import file_md5
-from blockffn.errors import BlockFFNError
 from blockffn.model.config import BlockFFNConfig
-
-
-class ArtifactError(BlockFFNError):
-    """A compiled artifact folder that is incomplete, corrupt or built for another runtime."""
 
 
 @dataclass
@@ -45,12 +41,18 @@ class Artifact(_LibraryFolder):
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from an artifact file (anything else, or unreadable bytes, is refused in one line)."""
     if not path.exists():
         raise ArtifactError(f"{path}: missing (not a complete blockffn artifact; recompile with blockffn-compile)")
     try:
-        return json.loads(path.read_text())
+        doc = json.loads(path.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise ArtifactError(f"{path}: cannot be read ({e})") from None
+    if not isinstance(doc, dict):
+        raise ArtifactError(f"{path}: a JSON {type(doc).__name__}, expected an object")
+    return doc
 
 
 def check_versions(manifest: dict, path: Path) -> None:
@@ -108,7 +110,19 @@ def _check_records(f: Path, shard: dict, size: int) -> None:
             raise ArtifactError(f"{f}: tensors {a!r} and {b!r} overlap in the shard (corrupt tensor-cache.json)")
 
 
+def _check_layout(path: Path, cache: dict) -> None:
+    """``records`` is a list of shard objects, each with a list of named tensor records."""
+    shards = cache.get("records")
+    if not (isinstance(shards, list) and all(
+            isinstance(s, dict) and isinstance(s.get("records", []), list)
+            and all(isinstance(r, dict) and isinstance(r.get("name"), str) for r in s.get("records", []))
+            for s in shards)):
+        raise ArtifactError(f"{path / TENSOR_CACHE}: 'records' is not a list of shards holding named tensor records "
+                            f"(corrupt tensor-cache.json)")
+
+
 def check_shards(path: Path, cache: dict, verify_md5: bool = True) -> None:
+    _check_layout(path, cache)
     for shard in cache.get("records", []):
         f = inside(path, shard.get("dataPath"), "tensor-cache dataPath")
         if not f.is_file():
@@ -185,13 +199,15 @@ def open_artifact(path: str | Path, verify_md5: bool = True, model_lib: str | Pa
             raise ArtifactError(f"{lib}: model library missing")
         manifest = library_manifest(lib)
     else:
-        manifest = _read_json(path / MANIFEST)
+        manifest = check_manifest(_read_json(path / MANIFEST), path / MANIFEST)
     chat_config = _read_json(path / CHAT_CONFIG)
     cache = _read_json(path / TENSOR_CACHE)
     check_versions(manifest, path / MANIFEST if model_lib is None else Path(model_lib))
     lib = Path(model_lib) if model_lib is not None else inside(path, manifest.get("library"), "manifest library")
     if not lib.is_file():
         raise ArtifactError(f"{lib}: model library missing")
+    if model_lib is None:  # a --model-lib is the user's own choice, read through its _metadata
+        check_library(manifest, lib, path / MANIFEST)
     check_shards(path, cache, verify_md5)
     check_weights_match(manifest, cache, path)
     cfg = config_from_chat_config(chat_config, path / CHAT_CONFIG)
@@ -213,8 +229,11 @@ def open_draft(path: str | Path, verify_md5: bool = True) -> DraftArtifact:
     if manifest.get("format") != DRAFT_FORMAT:
         raise ArtifactError(f"{path / DRAFT_MANIFEST}: format {manifest.get('format')!r}, expected {DRAFT_FORMAT!r}")
     cache = _read_json(path / TENSOR_CACHE)
+    check_draft_manifest(manifest, path / DRAFT_MANIFEST)
     check_versions(manifest, path / DRAFT_MANIFEST)
-    if not inside(path, manifest.get("library"), "draft manifest library").is_file():
-        raise ArtifactError(f"{path / manifest.get('library', '')}: draft library missing")
+    lib = inside(path, manifest.get("library"), "draft manifest library")
+    if not lib.is_file():
+        raise ArtifactError(f"{lib}: draft library missing")
+    check_library(manifest, lib, path / DRAFT_MANIFEST)
     check_shards(path, cache, verify_md5)
     return DraftArtifact(path, manifest, cache)

@@ -1,18 +1,19 @@
-"""`blockffn verify`: check that an artifact is what its target needs, without the target device.
+"""`blockffn verify`: check that an artifact is what its target needs, without the target device and without
+loading or running its library (native code from elsewhere).
 
 Checks, each a line of the report; the first failure raises `ArtifactError` naming the file and the mismatch:
-  files     - manifest/config/tensor-cache present, shards complete with matching md5, built by this TVM version
+  files     - manifest/config/tensor-cache present, shards complete with matching md5, the library's size and
+              sha256 as the manifest records them, built by this TVM version
   arch      - the library's object files are of the target's architecture (ELF x86-64/aarch64, Mach-O arm64)
   symbols   - the TVM library blob symbol, with the system-lib prefix for .tar system libraries
   kernels   - device code in the form the target loads: a CUDA fatbin for the preset's SM (no CUDA source),
               OpenCL C, or Metal Shading Language
-  metadata  - `_metadata().params` (host-loadable libraries) or the manifest agrees with the tensor cache
+  metadata  - the manifest's params (the library's `_metadata` at compile time) agree with the tensor cache
 """
 
 from __future__ import annotations
 
 import json
-import platform
 import struct
 import tarfile
 from pathlib import Path
@@ -51,8 +52,8 @@ def _expected_arch(host_triple: str) -> str:
 
 def verify_artifact(path: str | Path) -> list[str]:
     art = open_artifact(path)  # files, shards, md5, TVM version
-    report = [f"files     ok: {len(art.tensor_cache['records'])} shard(s), md5 verified, "
-              f"tvm {art.manifest['versions']['tvm']}"]
+    report = [f"files     ok: {len(art.tensor_cache['records'])} shard(s), md5 verified, library sha256 "
+              f"verified, tvm {art.manifest['versions']['tvm']}"]
     lib = art.library
     target = art.manifest["target"]
     objects = _objects(lib)
@@ -95,18 +96,11 @@ def verify_artifact(path: str | Path) -> list[str]:
         report.append("kernels   ok: Metal Shading Language source embedded")
     else:
         report.append("kernels   ok: host code only")
+    # the manifest's params are the library's _metadata at compile time, and the library is that one (its size and
+    # sha256 were checked), so nothing here loads or runs it
     records = [(r["name"], list(r["shape"]), r["dtype"]) for r in param_records(art.tensor_cache)]
-    host_loadable = (kind == "llvm" and lib.suffix == ".so"
-                     and _expected_arch(target["host_triple"]) == platform.machine())
-    if host_loadable:
-        from blockffn.runtime.inspect import library_metadata
-
-        params = library_metadata(lib)["params"]
-        source = "_metadata"
-    else:
-        params = art.manifest["params"]
-        source = "manifest"
-    declared = [(p["name"], list(p["shape"]), p["dtype"]) for p in params]
+    source = "manifest"
+    declared = [(p["name"], list(p["shape"]), p["dtype"]) for p in art.manifest["params"]]
     if declared != records:
         first = next((d, r) for d, r in zip(declared + [None] * len(records), records + [None] * len(declared))
                      if d != r)
@@ -123,7 +117,8 @@ def _verify_draft(art) -> str:
 
     from blockffn.artifacts.reader import inside
 
-    folder = inside(art.path, (art.manifest["draft"] or {}).get("folder"), "manifest draft folder")
+    entry = art.manifest["draft"]
+    folder = inside(art.path, entry.get("folder") if isinstance(entry, dict) else entry, "manifest draft folder")
     draft = open_draft(folder)  # files, shards, md5, TVM version
     m = draft.manifest
     if m.get("target", {}).get("name") != art.manifest["target"]["name"]:

@@ -44,7 +44,12 @@ def write_tensor_cache(tensors, out_dir: Path, shard_cap_mb: int = 32, metadata:
 
 
 def file_md5(path: Path) -> str:
-    h = hashlib.md5()
+    return file_digest(path, "md5")
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """Hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)

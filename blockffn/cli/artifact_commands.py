@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from blockffn.cli.base import _model_dir, cli
+from blockffn.cli.base import _model_dir, cli, to_json
+from blockffn.validation import NON_NEGATIVE_INT, POSITIVE_INT, Number
 
 
 # ---------------------------------------------------------------------------------------------------------- compile
@@ -23,16 +24,17 @@ def _compile_options(f):
         click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
                      help="Artifact folder (default: dist/<model>-<dtype>-<target>), or a library file NAME.so|.tar|.dylib "
                           "for the model library alone (.tar: objects to link on the device)."),
-        click.option("--context-window", type=int, default=None, help="Max tokens per sequence."),
-        click.option("--prefill-chunk", type=int, default=None, help="Max tokens per prefill call."),
-        click.option("--max-batch-size", type=int, default=8, show_default=True),
+        click.option("--context-window", type=Number(POSITIVE_INT), default=None, help="Max tokens per sequence."),
+        click.option("--prefill-chunk", type=Number(POSITIVE_INT), default=None,
+                     help="Max tokens per prefill call."),
+        click.option("--max-batch-size", type=Number(POSITIVE_INT), default=8, show_default=True),
         click.option("--arch", default=None, help="CUDA SM for cuda targets, e.g. sm_87 (default: the preset's)."),
         click.option("--ffn", type=click.Choice(["auto", "dense", "sparse"]), default="auto", show_default=True,
                      help="BlockFFN lowering.  sparse: only the union of active experts (decode/verify: over the "
                           "call; prefill: per --union-chunk tokens); auto: the same, and the runtime runs prefill "
                           "chunked-union or dense, whichever it measures faster on the device; dense: every expert. "
                           "Sparse builds also carry dense twins (<function>_dense)."),
-        click.option("--union-chunk", type=int, default=16, show_default=True,
+        click.option("--union-chunk", type=Number(POSITIVE_INT), default=16, show_default=True,
                      help="Prefill tokens per union of active experts (chunked-union prefill)."),
         click.option("--draft", default="auto", show_default=True,
                      help="EAGLE draft head folder to build into ARTIFACT/draft (auto: MODEL/draft if present; "
@@ -40,7 +42,7 @@ def _compile_options(f):
         click.option("--debug-counts", is_flag=True,
                      help="Also export *_with_stats functions returning per-layer active-expert counts (the runtime "
                           "and `blockffn bench` then report measured TLS and union sizes)."),
-        click.option("--tune-trials", type=int, default=0, show_default=True,
+        click.option("--tune-trials", type=Number(NON_NEGATIVE_INT), default=0, show_default=True,
                      help="MetaSchedule trials per static-shape dense kernel (decode projections, router, lm-head); "
                           "measures on this machine, so the target's device must be here. 0: no tuning."),
         click.option("--tune-db", type=click.Path(path_type=Path), default=None,
@@ -146,7 +148,7 @@ def convert_weight_cmd(model_dir, quantization, target, output, overwrite, as_js
     r = convert_weight(_model_dir(model_dir), quantization, output, overwrite, log=(lambda *_: None) if as_json
                        else click.echo)
     if as_json:
-        click.echo(json.dumps(r))
+        click.echo(to_json(r))
     else:
         _report(r, f"{quantization} weights ({r['param_bytes'] / 2**20:.1f} MiB in {r['shards']} shards)")
 
@@ -155,9 +157,9 @@ def convert_weight_cmd(model_dir, quantization, target, output, overwrite, as_js
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
               help="Model folder (default: the bundled model); only config.json and tokenizer files are read.")
 @click.option("--dtype", "--quantization", "quantization", type=_DTYPES, default="q0f32", show_default=True)
-@click.option("--context-window", type=int, default=None, help="Max tokens per sequence.")
-@click.option("--prefill-chunk", type=int, default=None, help="Max tokens per prefill call.")
-@click.option("--max-batch-size", type=int, default=8, show_default=True)
+@click.option("--context-window", type=Number(POSITIVE_INT), default=None, help="Max tokens per sequence.")
+@click.option("--prefill-chunk", type=Number(POSITIVE_INT), default=None, help="Max tokens per prefill call.")
+@click.option("--max-batch-size", type=Number(POSITIVE_INT), default=8, show_default=True)
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Artifact folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an mlc-chat-config.json already in the folder.")
 def gen_config_cmd(model_dir, quantization, context_window, prefill_chunk, max_batch_size, output, overwrite) -> None:
@@ -175,27 +177,32 @@ def gen_config_cmd(model_dir, quantization, context_window, prefill_chunk, max_b
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True)
 def inspect_cmd(artifact, as_json) -> None:
-    """Print an artifact's manifest, library functions, metadata and sizes."""
+    """Print an artifact's manifest, library functions, metadata and sizes (read from its files; the library is
+    checked against the manifest's sha256 but never loaded, so any target's artifact can be inspected anywhere)."""
     from blockffn.runtime.inspect import describe
 
     info = describe(artifact)
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        click.echo(to_json(info, indent=2))
         return
     m = info["manifest"]
+    source = m.get("source") if isinstance(m.get("source"), dict) else {}
     click.echo(f"artifact   {artifact}")
-    click.echo(f"model      {m['source']['path']} (sha256 {m['source']['sha256'][:16]}…)")
+    click.echo(f"model      {source.get('path', '?')} (sha256 {str(source.get('sha256', '?'))[:16]}…)")
     click.echo(f"target     {m['target']['name']} {json.dumps(m['target']['tvm_target'])}  quantization "
                f"{m['quantization']}")
     click.echo("versions   " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
-    click.echo(f"context    {m['context_window_size']} tokens, prefill chunk {m['prefill_chunk_size']}, "
-               f"max batch {m['max_batch_size']}")
-    click.echo(f"passes     {' -> '.join(m['passes'])}")
-    click.echo(f"functions  {', '.join(info['functions'])}")
+    click.echo(f"context    {m.get('context_window_size', '?')} tokens, prefill chunk "
+               f"{m.get('prefill_chunk_size', '?')}, max batch {m.get('max_batch_size', '?')}")
+    click.echo(f"passes     {' -> '.join(map(str, m.get('passes') or []))}")
+    click.echo(f"functions  {', '.join(map(str, info['functions']))}")
+    click.echo(f"library    {m['library']} ({info['sizes']['library']} bytes, sha256 {m['library_sha256'][:16]}…)")
     click.echo("sizes      " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in info["sizes"].items()))
     md = info["metadata"]
-    click.echo(f"metadata   kv_cache {json.dumps(md['kv_cache'])}, {len(md['params'])} params")
-    click.echo("memory     " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in md["memory_usage"].items() if v))
+    click.echo(f"metadata   kv_cache {json.dumps(md.get('kv_cache'))}, {len(md['params'])} params")
+    usage = md["memory_usage"] if isinstance(md["memory_usage"], dict) else {}
+    click.echo("memory     " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in usage.items()
+                                         if isinstance(v, (int, float)) and v))
 
 
 # ---------------------------------------------------------------------------------------------------------- verify

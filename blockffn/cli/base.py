@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import click
@@ -16,6 +18,22 @@ def _model_dir(path: str | None) -> Path:
 def _floats(values) -> list:
     """Numbers for JSON output; NaN (a metric with no data, e.g. text shorter than the window) becomes null."""
     return [None if v != v else float(v) for v in values]
+
+
+def to_json(obj, **kwargs) -> str:
+    """Strict JSON (what every parser accepts): NaN and infinities, which ``json.dumps`` writes as bare ``NaN`` /
+    ``Infinity``, become null."""
+    return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _echo_err(msg: str) -> None:

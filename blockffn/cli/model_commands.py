@@ -8,8 +8,15 @@ from pathlib import Path
 
 import click
 
-from blockffn.errors import BlockFFNError, CheckpointError
-from blockffn.cli.base import _model_dir, _floats, cli
+from blockffn.errors import BlockFFNError
+from blockffn.outputs import check_output
+from blockffn.cli.base import _model_dir, _floats, cli, to_json
+from blockffn.validation import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, Number,
+                                 Range)
+
+# option types (blockffn.validation): NaN, infinities and out-of-range values are refused while parsing (exit 2)
+COUNT, COUNT0 = Number(POSITIVE_INT), Number(NON_NEGATIVE_INT)
+RATE, WEIGHT = Number(POSITIVE), Number(NON_NEGATIVE)
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -21,17 +28,21 @@ def data() -> None:
 @data.command("prepare")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output data folder.")
-@click.option("--vocab-size", default=4096, show_default=True, help="BPE vocabulary size (ignored with --tokenizer).")
-@click.option("--val-fraction", default=0.02, show_default=True, help="Held-out tail of every source file.")
+@click.option("--vocab-size", type=Number(Range(lo=256, integer=True)), default=4096, show_default=True,
+              help="BPE vocabulary size (ignored with --tokenizer).")
+@click.option("--val-fraction", type=Number(Range(0, 0.5, lo_open=True, hi_open=True)), default=0.02,
+              show_default=True, help="Held-out tail of every source file.")
 @click.option("--doc-split", type=click.Choice(["blank", "line", "file"]), default="blank", show_default=True,
               help="How plain-text files are cut into documents (.jsonl: one 'text' per line).")
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(path_type=Path), default=None,
               help="Reuse the tokenizer.json of this folder instead of training one.")
-def data_prepare(inputs, output, vocab_size, val_fraction, doc_split, tokenizer_dir) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing data folder (only one `data prepare` wrote).")
+def data_prepare(inputs, output, vocab_size, val_fraction, doc_split, tokenizer_dir, overwrite) -> None:
     """Train a byte-level BPE on INPUTS (.txt, .jsonl, optionally .xz) and write a document-packed split."""
     from blockffn.data.prepare import prepare
 
-    meta = prepare(list(inputs), output, vocab_size, val_fraction, doc_split, tokenizer_dir, log=click.echo)
+    meta = prepare(list(inputs), output, vocab_size, val_fraction, doc_split, tokenizer_dir, log=click.echo,
+                   overwrite=overwrite)
     click.echo(f"wrote {output}: {meta['train_tokens']} train / {meta['val_tokens']} val tokens, "
                f"vocab {meta['vocab_size']}")
 
@@ -40,15 +51,16 @@ def data_prepare(inputs, output, vocab_size, val_fraction, doc_split, tokenizer_
 @cli.command("init")
 @click.option("--preset", required=True, help="small, medium, large, xlarge, 3b, tiny or tiny-gqa.")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path))
-@click.option("--layers", type=int, default=None, help="Override the number of layers (quick tests).")
-@click.option("--vocab-size", type=int, default=None, help="Override the vocabulary size.")
+@click.option("--layers", type=COUNT, default=None, help="Override the number of layers (quick tests).")
+@click.option("--vocab-size", type=COUNT, default=None, help="Override the vocabulary size.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="bfloat16",
               show_default=True)
-@click.option("--shard-size-mb", type=int, default=None, help="Shard weights into files of at most this size.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--shard-size-mb", type=COUNT, default=None,
+              help="Shard weights into files of at most this size.")
+@click.option("--seed", type=Number(SEED), default=0, show_default=True)
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(path_type=Path), default=None,
               help="Copy tokenizer files from this folder.")
-@click.option("--force-active", type=float, default=None,
+@click.option("--force-active", type=Number(Range(0, 1, lo_open=True)), default=None,
               help="Benchmarks only: route exactly this fraction of the experts for every token in every layer "
                    "(e.g. 0.25; see blockffn/model/forced_routing.py). Never the default.")
 @click.option("--overwrite", is_flag=True)
@@ -58,6 +70,7 @@ def init_cmd(preset, output, layers, vocab_size, dtype, shard_size_mb, seed, tok
     from blockffn.model import BlockFFNForCausalLM, preset_config, save_model
     from blockffn.model.forced_routing import force_active as force
 
+    check_output(output, overwrite, "model")
     cfg = preset_config(preset, num_hidden_layers=layers, vocab_size=vocab_size)
     model = BlockFFNForCausalLM(cfg).init_weights(seed)
     if force_active is not None:
@@ -78,25 +91,30 @@ def init_cmd(preset, output, layers, vocab_size, dtype, shard_size_mb, seed, tok
 @click.option("--preset", default="tiny", show_default=True, help="Model shape (ignored when resuming).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="A config.json to train instead of a preset.")
-@click.option("--layers", type=int, default=None)
-@click.option("--steps", default=1000, show_default=True)
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--seq-len", default=256, show_default=True)
-@click.option("--lr", default=1e-2, show_default=True, help="Peak lr (µP: matrices get lr·256/d).")
+@click.option("--layers", type=COUNT, default=None)
+@click.option("--steps", type=COUNT, default=1000, show_default=True)
+@click.option("--batch-size", type=COUNT, default=16, show_default=True)
+@click.option("--seq-len", type=COUNT, default=256, show_default=True)
+@click.option("--lr", type=RATE, default=1e-2, show_default=True, help="Peak lr (µP: matrices get lr·256/d).")
 @click.option("--mup/--no-mup", default=True, show_default=True, help="µP learning-rate scaling.")
-@click.option("--warmup-steps", default=50, show_default=True)
-@click.option("--decay-frac", default=0.2, show_default=True, help="WSD: final fraction decays the lr.")
-@click.option("--lambda-al", default=2e-3, show_default=True, help="Activation-locality weight (0 disables).")
-@click.option("--lambda-cs", default=5e-2, show_default=True, help="Initial chunk-sparsification weight λ0.")
-@click.option("--chunk-len", default=64, show_default=True, help="Chunk length of the CS loss.")
-@click.option("--cs-stable-steps", default=1000, show_default=True, help="Steps before λ_cs starts adapting.")
-@click.option("--cs-adjust-every", default=100, show_default=True, help="λ_cs adjustment period.")
-@click.option("--eval-every", default=200, show_default=True)
-@click.option("--eval-tokens", default=65536, show_default=True)
-@click.option("--save-every", default=500, show_default=True, help="Resumable checkpoint period (0: only at end).")
-@click.option("--time-budget", type=float, default=None, help="Stop after this many seconds (lr decays to it).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--threads", type=int, default=None, help="torch threads per process.")
+@click.option("--warmup-steps", type=COUNT0, default=50, show_default=True)
+@click.option("--decay-frac", type=Number(FRACTION), default=0.2, show_default=True,
+              help="WSD: final fraction decays the lr.")
+@click.option("--lambda-al", type=WEIGHT, default=2e-3, show_default=True,
+              help="Activation-locality weight (0 disables).")
+@click.option("--lambda-cs", type=WEIGHT, default=5e-2, show_default=True,
+              help="Initial chunk-sparsification weight λ0.")
+@click.option("--chunk-len", type=COUNT, default=64, show_default=True, help="Chunk length of the CS loss.")
+@click.option("--cs-stable-steps", type=COUNT0, default=1000, show_default=True,
+              help="Steps before λ_cs starts adapting.")
+@click.option("--cs-adjust-every", type=COUNT, default=100, show_default=True, help="λ_cs adjustment period.")
+@click.option("--eval-every", type=COUNT, default=200, show_default=True)
+@click.option("--eval-tokens", type=COUNT, default=65536, show_default=True)
+@click.option("--save-every", type=COUNT0, default=500, show_default=True,
+              help="Resumable checkpoint period (0: only at end).")
+@click.option("--time-budget", type=RATE, default=None, help="Stop after this many seconds (lr decays to it).")
+@click.option("--seed", type=Number(SEED), default=0, show_default=True)
+@click.option("--threads", type=COUNT, default=None, help="torch threads per process.")
 @click.option("--autocast", type=click.Choice(["none", "bf16"]), default="none", show_default=True)
 def train_cmd(data_dir, output, preset, config_file, layers, steps, batch_size, seq_len, lr, mup, warmup_steps,
               decay_frac, lambda_al, lambda_cs, chunk_len, cs_stable_steps, cs_adjust_every, eval_every, eval_tokens,
@@ -151,20 +169,20 @@ def train_cmd(data_dir, output, preset, config_file, layers, steps, batch_size, 
               help="Training text (.txt, .jsonl, optionally .xz): --text A [B ...] (more files may follow).")
 @click.argument("more_texts", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Draft folder to write.")
-@click.option("--steps", default=1000, show_default=True)
-@click.option("--time-budget", type=float, default=None, help="Stop after this many minutes (lr decays to it).")
-@click.option("--lr", default=3e-3, show_default=True, help="Peak lr (AdamW, warmup then WSD decay).")
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--seq-len", default=256, show_default=True)
-@click.option("--warmup-steps", default=50, show_default=True)
-@click.option("--draft-vocab-size", type=int, default=None,
+@click.option("--steps", type=COUNT, default=1000, show_default=True)
+@click.option("--time-budget", type=RATE, default=None, help="Stop after this many minutes (lr decays to it).")
+@click.option("--lr", type=RATE, default=3e-3, show_default=True, help="Peak lr (AdamW, warmup then WSD decay).")
+@click.option("--batch-size", type=COUNT, default=8, show_default=True)
+@click.option("--seq-len", type=COUNT, default=256, show_default=True)
+@click.option("--warmup-steps", type=COUNT0, default=50, show_default=True)
+@click.option("--draft-vocab-size", type=COUNT, default=None,
               help="Frequency-ranked draft vocabulary (FR-Spec); default: the target's full vocabulary.")
-@click.option("--holdout-fraction", default=0.02, show_default=True,
+@click.option("--holdout-fraction", type=Number(Range(0, 0.5, hi_open=True)), default=0.02, show_default=True,
               help="Leave out this tail of every file's documents (what `data prepare` holds out).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
               show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--threads", type=int, default=None, help="torch threads.")
+@click.option("--seed", type=Number(SEED), default=0, show_default=True)
+@click.option("--threads", type=COUNT, default=None, help="torch threads.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 def train_draft_cmd(target_dir, texts, more_texts, output, steps, time_budget, lr, batch_size, seq_len, warmup_steps,
                     draft_vocab_size, holdout_fraction, dtype, seed, threads, overwrite) -> None:
@@ -182,8 +200,7 @@ def train_draft_cmd(target_dir, texts, more_texts, output, steps, time_budget, l
                           holdout_fraction=holdout_fraction,
                           time_budget=time_budget * 60 if time_budget is not None else None, dtype=dtype,
                           overwrite=overwrite, seed=seed, threads=threads)
-    if Path(output).exists() and not overwrite and any(Path(output).iterdir()):
-        raise CheckpointError(f"{output}: output folder exists and is not empty (pass --overwrite)")
+    check_output(output, overwrite, "model")  # before the training, not after it
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("[bold]train-draft"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -209,8 +226,8 @@ def train_draft_cmd(target_dir, texts, more_texts, output, steps, time_budget, l
               help="Model folder (default: the bundled model).")
 @click.option("--text", "text_file", required=True, type=click.Path(path_type=Path),
               help="Text to evaluate on (.txt, .jsonl, optionally .xz).")
-@click.option("--seq-len", default=256, show_default=True)
-@click.option("--max-tokens", type=int, default=None, help="Evaluate at most this many tokens.")
+@click.option("--seq-len", type=Number(Range(lo=2, integer=True)), default=256, show_default=True)
+@click.option("--max-tokens", type=COUNT, default=None, help="Evaluate at most this many tokens.")
 @click.option("--sparse", is_flag=True, help="Use the union-sparse FFN (same numbers up to rounding).")
 @click.option("--quantization", type=click.Choice(["q4f16_1", "q4f32_1"]), default=None,
               help="Evaluate the PyTorch model with these group-quantized (fake-quantized) weights.")
@@ -259,7 +276,7 @@ def eval_cmd(model_dir, text_file, seq_len, max_tokens, sparse, quantization, ar
                "loss": r["loss"], "tokens": r["tokens"], "quantization": quantization or r.get("quantization"),
                "per_layer": {k: ({s: _floats(v2) for s, v2 in v.items()} if isinstance(v, dict) else _floats(v))
                              for k, v in r["per_layer"].items()}}
-        click.echo(json.dumps(out))
+        click.echo(to_json(out))
         return
     from rich.console import Console
     from rich.table import Table
@@ -282,13 +299,17 @@ def eval_cmd(model_dir, text_file, seq_len, max_tokens, sparse, quantization, ar
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path))
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="bfloat16",
               show_default=True)
-@click.option("--shard-size-mb", type=int, default=None)
+@click.option("--shard-size-mb", type=COUNT, default=None)
 @click.option("--overwrite", is_flag=True)
 def convert_cmd(model_dir, output, dtype, shard_size_mb, overwrite) -> None:
     """Validate a checkpoint (any supported layout) and re-write it as official-format safetensors."""
     from blockffn.model import load_model, save_model
 
     model_dir = _model_dir(model_dir)
+    if model_dir.resolve().is_relative_to(Path(output).resolve()):  # the rename would drop draft/, the model card
+        raise BlockFFNError(f"-o {output} would replace the input model {model_dir}; write the converted model to "
+                            f"another folder")
+    check_output(output, overwrite, "model")
     model = load_model(model_dir, dtype="float32")
     shard = shard_size_mb * 2**20 if shard_size_mb else None
     save_model(model, output, dtype, shard, tokenizer_dir=model_dir, overwrite=overwrite)

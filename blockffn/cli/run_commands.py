@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -10,20 +10,24 @@ import click
 
 from blockffn import default_model_path
 from blockffn.errors import BlockFFNError
-from blockffn.cli.base import _model_dir, cli
+from blockffn.cli.base import _model_dir, cli, to_json
+from blockffn.validation import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, TOP_P, Number,
+                                 OptionError, utf8_text, writable_file)
 
 
 # ---------------------------------------------------------------------------------------------------------- generate
 def _sampling_options(f):
     opts = [
-        click.option("--max-tokens", default=64, show_default=True),
+        click.option("--max-tokens", type=Number(POSITIVE_INT), default=64, show_default=True),
         click.option("--greedy", is_flag=True, help="Argmax decoding (overrides temperature/top-p)."),
-        click.option("--temperature", default=0.8, show_default=True),
-        click.option("--top-p", default=0.95, show_default=True),
-        click.option("--repetition-penalty", default=1.0, show_default=True,
+        click.option("--temperature", type=Number(NON_NEGATIVE), default=0.8, show_default=True,
+                     help="0: greedy."),
+        click.option("--top-p", type=Number(TOP_P), default=0.95, show_default=True),
+        click.option("--repetition-penalty", type=Number(POSITIVE), default=1.0, show_default=True,
                      help="> 1 discourages repeating generated tokens (compiled artifacts)."),
-        click.option("--stop", "stop", multiple=True, help="Stop string (repeatable; compiled artifacts)."),
-        click.option("--seed", default=0, show_default=True),
+        click.option("--stop", "stop", multiple=True, callback=utf8_text,
+                     help="Stop string (repeatable; compiled artifacts)."),
+        click.option("--seed", type=Number(SEED), default=0, show_default=True),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -45,7 +49,7 @@ def _add_speculation_options(f, default_mode: str):
                      + "auto: chains or EAGLE-2 trees with an EAGLE draft (whichever measures faster, plain decoding "
                        "when neither wins), chains with a draft model.  Sampled output is then reproducible in "
                        "distribution, not token for token (the plans follow measured timings)."),
-        click.option("--draft-len", default=0, show_default=True,
+        click.option("--draft-len", type=Number(NON_NEGATIVE_INT), default=0, show_default=True,
                      help="Chain length (0: chosen each round from measured costs and acceptance)."),
     ]
     for o in reversed(opts):
@@ -56,10 +60,6 @@ def _add_speculation_options(f, default_mode: str):
 def _generation_params(max_tokens, greedy, temperature, top_p, repetition_penalty, stop, seed, **extra):
     from blockffn.runtime.sampling import GenerationParams
 
-    if max_tokens <= 0:
-        raise BlockFFNError("--max-tokens must be positive")
-    if repetition_penalty <= 0:
-        raise BlockFFNError("--repetition-penalty must be positive")
     return GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, greedy=greedy, seed=seed,
                             repetition_penalty=repetition_penalty, stop=tuple(stop), **extra)
 
@@ -71,7 +71,8 @@ def _artifact(path, device: str) -> Path:
     from blockffn import default_artifact_path
 
     out = default_artifact_path(device)
-    if not (out / "blockffn-manifest.json").exists():
+    manifest = out / "blockffn-manifest.json"
+    if not manifest.exists() or "library_sha256" not in manifest.read_text():  # absent, or cached before the digest
         from blockffn.compiler.compile import CompileOptions, compile_model
 
         click.echo(f"compiling the bundled model for {device} (once; cached in {out})", err=True)
@@ -90,7 +91,7 @@ def _artifact(path, device: str) -> Path:
 @click.option("--model-lib", type=click.Path(path_type=Path), default=None,
               help="--artifact: run this model library (built alone by `blockffn-compile -o NAME.so`) over the "
                    "folder's weights (from `blockffn convert-weight`) instead of the library its manifest names.")
-@click.option("--prompt", required=True)
+@click.option("--prompt", required=True, callback=utf8_text)
 @_sampling_options
 @click.option("--sparse", is_flag=True, help="Union-sparse FFN in the PyTorch model.")
 @click.option("--ffn", type=click.Choice(["auto", "sparse", "dense"]), default="auto", show_default=True,
@@ -107,8 +108,6 @@ def generate_cmd(model_dir, artifact_dir, device, model_lib, prompt, sparse, ffn
         speculative = "auto" if draft_dir else "off"
     if model_dir and artifact_dir:
         raise BlockFFNError("give either --model or --artifact, not both")
-    if draft_len < 0:
-        raise BlockFFNError("--draft-len must be >= 0")
     if artifact_dir:
         from blockffn.runtime.session import open_generator
 
@@ -127,7 +126,7 @@ def generate_cmd(model_dir, artifact_dir, device, model_lib, prompt, sparse, ffn
     else:
         out, backend = _generate_pytorch(model_dir, prompt, params, sparse, draft_dir, speculative, draft_len)
     if as_json:
-        click.echo(json.dumps(out))
+        click.echo(to_json(out))
     else:
         if not artifact_dir:
             click.echo(prompt + out["text"], nl=False)
@@ -142,6 +141,9 @@ def _generate_pytorch(model_dir, prompt, params, sparse, draft_dir, speculative,
 
     model_dir = _model_dir(model_dir)
     model = load_model(model_dir, dtype="float32")
+    if draft_len >= model.config.max_position_embeddings:  # the same bound the artifact path checks
+        raise OptionError(f"--draft-len {draft_len} is beyond the context window of {model_dir} "
+                          f"({model.config.max_position_embeddings} tokens)")
     tok = load_tokenizer(model_dir)
     ids = tok.encode(prompt).ids
     if draft_dir and speculative != "off":
@@ -182,6 +184,16 @@ def chat_cmd(artifact_dir, device, model_lib, draft_dir, speculative, draft_len,
     ChatSession(gen, params).repl()
 
 
+def _read_utf8(path: Path) -> str:
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise BlockFFNError(f"{path}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise BlockFFNError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start})"
+                            ) from None
+
+
 @cli.command("bench")
 @click.option("--artifact", "artifact_dir", type=click.Path(path_type=Path), default=None,
               help="Compiled artifact (default: the bundled model compiled for --device, cached).")
@@ -190,9 +202,12 @@ def chat_cmd(artifact_dir, device, model_lib, draft_dir, speculative, draft_len,
               help="Draft (default: ARTIFACT/draft when present).")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
               help="One prompt per line (default: openings of bundled held-out documents).")
-@click.option("--max-tokens", default=64, show_default=True, help="Generated tokens per prompt.")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the numbers here.")
-@click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="Bar chart PNG (matplotlib).")
+@click.option("--max-tokens", type=Number(POSITIVE_INT), default=64, show_default=True,
+              help="Generated tokens per prompt.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, callback=writable_file,
+              help="Write the numbers here.")
+@click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, callback=writable_file,
+              help="Bar chart PNG (matplotlib).")
 @click.option("--model-lib", type=click.Path(path_type=Path), default=None,
               help="Run this model library (built alone by `blockffn-compile -o NAME.so`) over the artifact's weights.")
 def bench_cmd(artifact_dir, device, draft_dir, prompts_file, max_tokens, json_out, plot_out, model_lib) -> None:
@@ -200,9 +215,11 @@ def bench_cmd(artifact_dir, device, draft_dir, prompts_file, max_tokens, json_ou
     achieved bandwidth vs a bandwidth figure measured on the same device."""
     from blockffn.runtime.bench import plot, run_bench
 
+    if plot_out and importlib.util.find_spec("matplotlib") is None:  # now, not after the benchmark
+        raise BlockFFNError("--plot needs matplotlib (pip install matplotlib)")
     prompts = None
     if prompts_file:
-        prompts = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+        prompts = [line.strip() for line in _read_utf8(prompts_file).splitlines() if line.strip()]
         if not prompts:
             raise BlockFFNError(f"{prompts_file}: no prompts")
     art = _artifact(artifact_dir, device)
@@ -213,6 +230,6 @@ def bench_cmd(artifact_dir, device, draft_dir, prompts_file, max_tokens, json_ou
     for name, x in r["speedup_vs_dense_ar"].items():
         click.echo(f"  {name:<12} {x:5.2f}x dense-AR")
     if json_out:
-        Path(json_out).write_text(json.dumps(r, indent=2) + "\n")
+        Path(json_out).write_text(to_json(r, indent=2) + "\n")
     if plot_out:
         plot(r, plot_out)

@@ -10,10 +10,12 @@ from pathlib import Path
 
 from blockffn import __version__
 from blockffn.artifacts import layout
+from blockffn.artifacts.integrity import library_fields
 from blockffn.artifacts.weights import param_records
 from blockffn.compiler.resources import PhaseTimer
 from blockffn.errors import BlockFFNError
-from blockffn.model.checkpoint import TensorSource, atomic_output_dir, load_model
+from blockffn.model.checkpoint import TensorSource, load_model
+from blockffn.outputs import atomic_output_dir
 from blockffn.model.config import BlockFFNConfig
 from blockffn.relax_passes.add_dense_twins import DENSE_SUFFIX as DENSE_TWIN_SUFFIX
 from blockffn.targets import get_target
@@ -378,7 +380,7 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
                 "kv_cache_bytes_per_sequence": kv_cache_bytes(cfg, context, dtype),
                 "memory_usage": built.metadata["memory_usage"]}
 
-    with atomic_output_dir(output, overwrite=opts.overwrite) as tmp:
+    with atomic_output_dir(output, overwrite=opts.overwrite, kind="artifact") as tmp:
         built = build()
         with timer("export_library"):
             built.executable.export_library(str(tmp / lib_name), **({"fcompile": fcompile} if fcompile else {}))
@@ -406,7 +408,8 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
                                       tmp / DRAFT_FOLDER, build_draft_library, log, opts.max_batch_size, context)
         write_chat_config(cfg, opts.quantization, context, prefill_chunk, opts.max_batch_size, tmp)
         manifest = layout.manifest_from_metadata(built.metadata, lib_name)
-        manifest.update(created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        manifest.update(**library_fields(tmp / lib_name),
+                        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         source=cache["metadata"]["blockffn"]["source"], draft=draft_entry,
                         compile_seconds=timer.times, peak_rss_mb=timer.peak_rss_mb)
         (tmp / layout.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

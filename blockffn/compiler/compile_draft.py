@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from blockffn import __version__
+from blockffn.artifacts.integrity import library_fields
 from blockffn.artifacts.layout import DRAFT_FORMAT, DRAFT_MANIFEST
 from blockffn.artifacts.weights import to_numpy, write_tensor_cache
 from blockffn.errors import BlockFFNError
@@ -55,6 +56,7 @@ def build_draft(draft_dir: Path, target_model, target, target_name: str, dtype: 
     (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
     manifest = {
         "format": DRAFT_FORMAT, "blockffn_version": __version__, "kind": "eagle", "library": lib_name,
+        **library_fields(out / lib_name),
         "dtype": dtype, "functions": functions, "params": metadata["params"],
         "versions": target_versions(), "target": {"name": target_name},
         "token_map": None if draft.d2t is None else [int(t) for t in draft.d2t.tolist()],

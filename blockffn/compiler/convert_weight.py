@@ -138,7 +138,7 @@ def convert_weight(model_dir: Path, quantization: str, output: Path, overwrite: 
     """`blockffn convert-weight`: stream ``model_dir``'s checkpoint into ``output``'s tensor cache (the folder may
     already hold a chat config or libraries; only weight files are replaced, and only with ``overwrite``)."""
     from blockffn.compiler.resources import PhaseTimer
-    from blockffn.model.checkpoint import files_into_dir
+    from blockffn.outputs import files_into_dir
 
     layout.storage_dtype(quantization)  # one-line refusal of an unknown --dtype
     timer = PhaseTimer(log)

@@ -32,7 +32,7 @@ def gen_config(model_dir: Path, quantization: str, output: Path, context_window:
     weights or libraries)."""
     from blockffn.compiler.resources import PhaseTimer
     from blockffn.errors import BlockFFNError
-    from blockffn.model.checkpoint import files_into_dir
+    from blockffn.outputs import files_into_dir
 
     layout.storage_dtype(quantization)
     timer = PhaseTimer(log)

@@ -97,7 +97,11 @@ def load_tokenizer(folder: Path):
     path = Path(folder) / "tokenizer.json"
     if not path.exists():
         raise DataError(f"{path}: missing tokenizer (a model folder needs tokenizer.json)")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed JSON or an unknown model
+        raise DataError(f"{path}: not a valid tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                        ) from None
 
 
 @dataclass
@@ -144,21 +148,23 @@ def load_split(data_dir: Path, name: str) -> PackedSplit:
 
 
 def prepare(inputs: list[Path], out_dir: Path, vocab_size: int = 4096, val_fraction: float = 0.02,
-            doc_split: str = "blank", tokenizer_dir: Path | None = None, log=print) -> dict:
-    """Build the prepared data folder (atomically).  Returns the metadata written to meta.json."""
-    from blockffn.model.checkpoint import atomic_output_dir
+            doc_split: str = "blank", tokenizer_dir: Path | None = None, log=print, overwrite: bool = False) -> dict:
+    """Build the prepared data folder (atomically; an existing one only with ``overwrite``).  Returns the metadata
+    written to meta.json."""
+    from blockffn.outputs import atomic_output_dir, check_output
 
     if not inputs:
         raise DataError("no input files given")
     if not 0 < val_fraction < 0.5:
         raise DataError(f"--val-fraction must be in (0, 0.5), got {val_fraction}")
+    check_output(out_dir, overwrite, "data")  # before the (long) reading and tokenizer training
     sources = {}
     for path in inputs:
         docs = read_documents(Path(path), doc_split)
         if len(docs) < 2:
             raise DataError(f"{path}: needs at least 2 documents to split train/val, found {len(docs)}")
         sources[Path(path).name] = docs
-    with atomic_output_dir(out_dir, overwrite=True) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite, kind="data") as tmp:
         if tokenizer_dir is not None:
             tok = load_tokenizer(tokenizer_dir)
             save_tokenizer(tok, tmp)

@@ -9,12 +9,9 @@ fails with one line naming the tensor.  Pickle is never used: ``pytorch_model.bi
 
 from __future__ import annotations
 
-import filecmp
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from blockffn.errors import CheckpointError
 from blockffn.model.config import BlockFFNConfig
 from blockffn.model.modeling import BlockFFNForCausalLM
+from blockffn.outputs import atomic_output_dir
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -106,6 +104,17 @@ def check_tensors(tensors: dict[str, torch.Tensor], cfg: BlockFFNConfig, source:
     # some exporters write a tied head explicitly; it is dropped on load
     ignore = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
     check_named_shapes(tensors, expected_shapes(cfg), source, ignore=ignore)
+    for name, t in tensors.items():
+        check_finite(name, t, source)
+
+
+def check_finite(name: str, t: torch.Tensor, source: str) -> None:
+    """A NaN or infinite weight (a diverged run, a corrupted file) would make every output NaN: refuse it at load,
+    naming the tensor, instead of generating garbage or failing deep inside sampling."""
+    if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{source}: tensor '{name}' holds {bad} NaN or infinite value(s) (a diverged or "
+                              f"corrupted checkpoint)")
 
 
 def check_named_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str,
@@ -294,7 +303,9 @@ class TensorSource:
             return self.get("model.embed_tokens.weight")
         stored = self._source_of[name]
         out = None
-        for ours, t in official_layout(stored, self._load_stored(stored), self.cfg):
+        loaded = self._load_stored(stored)
+        check_finite(stored, loaded, str(self.folder))
+        for ours, t in official_layout(stored, loaded, self.cfg):
             if ours == name:
                 out = t.contiguous()
             else:
@@ -336,8 +347,9 @@ def state_dict_for_save(model: BlockFFNForCausalLM) -> dict[str, torch.Tensor]:
 
 def save_model(model: BlockFFNForCausalLM, folder: str | Path, dtype: str | torch.dtype = "bfloat16",
                max_shard_bytes: int | None = None, tokenizer_dir: str | Path | None = None,
-               extra_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
-    """Write an official-format model folder atomically (temp folder, then rename)."""
+               extra_files: dict[str, str] | None = None, overwrite: bool = False, also=None) -> Path:
+    """Write an official-format model folder atomically (temp folder, then rename); ``also(tmp)`` may add files
+    that must appear together with the weights (a trainer's state)."""
     folder = Path(folder)
     dt = resolve_dtype(dtype)
     cfg = model.config.replace(torch_dtype={torch.float32: "float32", torch.float16: "float16",
@@ -350,6 +362,8 @@ def save_model(model: BlockFFNForCausalLM, folder: str | Path, dtype: str | torc
             copy_tokenizer(tokenizer_dir, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        if also is not None:
+            also(tmp)
     return folder
 
 
@@ -404,82 +418,3 @@ def checkpoint_sha256(folder: str | Path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
-
-
-class atomic_output_dir:
-    """Context manager: yields a temp folder beside ``target``; renames it into place only on success."""
-
-    def __init__(self, target: str | Path, overwrite: bool = False):
-        self.target = Path(target)
-        self.overwrite = overwrite
-
-    def __enter__(self) -> Path:
-        if self.target.exists() and not self.overwrite and any(self.target.iterdir()):
-            raise CheckpointError(f"{self.target}: output folder exists and is not empty (pass --overwrite)")
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        for f in self.tmp.rglob("*"):
-            f.chmod(0o755 if f.is_dir() else 0o644)
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.replace(self.target, old)
-            os.replace(self.tmp, self.target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.target)
-        os.chmod(self.target, 0o755)
-        return False
-
-
-class files_into_dir:
-    """Context manager for commands that add their files to a folder other commands also fill (MLC's artifact
-    folder: ``convert-weight`` writes the weights, ``gen-config`` the chat config, ``compile`` the library).
-
-    Yields a temp folder beside ``target``; on success its files are moved in, those named ``last`` at the end
-    (an index is never visible before what it indexes).  Without ``overwrite`` nothing is written if any of the
-    new files, or any file matching ``owned`` (e.g. ``params_shard_*.bin``), is already there; with it, stale
-    ``owned`` files the new set does not contain are removed.  Files of other commands are never touched.
-    """
-
-    def __init__(self, target: str | Path, overwrite: bool = False, owned: tuple[str, ...] = (),
-                 last: tuple[str, ...] = ()):
-        self.target, self.overwrite, self.owned, self.last = Path(target), overwrite, owned, last
-
-    def _existing_owned(self) -> set[Path]:
-        return {p for pattern in self.owned for p in self.target.glob(pattern)} if self.target.is_dir() else set()
-
-    def __enter__(self) -> Path:
-        if self.target.exists() and not self.target.is_dir():
-            raise CheckpointError(f"{self.target}: exists and is not a folder")
-        if self._existing_owned() and not self.overwrite:
-            raise CheckpointError(f"{self.target}: already holds {sorted(p.name for p in self._existing_owned())[0]} "
-                                  f"(pass --overwrite to replace it)")
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            if exc_type is not None:
-                return False
-            new = sorted(p for p in self.tmp.iterdir())
-            clash = [p.name for p in new if (self.target / p.name).exists()  # the same bytes are no clash (tokenizer)
-                     and not filecmp.cmp(p, self.target / p.name, shallow=False)]
-            if clash and not self.overwrite:
-                raise CheckpointError(f"{self.target / clash[0]}: exists (pass --overwrite to replace it)")
-            self.target.mkdir(exist_ok=True)
-            stale = {p for p in self._existing_owned() if not (self.tmp / p.name).exists()}
-            for p in sorted(new, key=lambda p: p.name in self.last):
-                p.chmod(0o644)
-                os.replace(p, self.target / p.name)
-            for p in stale:
-                p.unlink()
-            return False
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)

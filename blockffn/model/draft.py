@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockffn.errors import CheckpointError, ConfigError
-from blockffn.model.checkpoint import (atomic_output_dir, check_named_shapes, expected_shapes, read_tensors,
+from blockffn.model.checkpoint import (check_named_shapes, expected_shapes, read_tensors,
                                        resolve_dtype, write_safetensors)
+from blockffn.outputs import atomic_output_dir
 from blockffn.model.config import ATTENTION_ALIASES, BlockFFNConfig
 from blockffn.model.modeling import GQAAttention, KVCache, MLAAttention, RMSNorm, default_positions_and_mask
 

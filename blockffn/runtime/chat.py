@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import signal
 import sys
 
@@ -14,7 +15,8 @@ HELP = "commands: /reset (new conversation), /stats (speeds of the last reply an
 class ChatSession:
     def __init__(self, generator, params, out=None, inp=None):
         self.gen, self.out = generator, out or sys.stdout
-        self.inp = inp or sys.stdin
+        # undecodable input bytes become U+FFFD instead of ending the chat with a UnicodeDecodeError
+        self.inp = inp or io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
         self.conv = Conversation(generator.engine.art.chat_config.get("conv_template", {}))
         self.params = dataclasses.replace(
             params, stop=tuple(params.stop) + self.conv.stop_strings,

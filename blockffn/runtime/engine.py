@@ -5,12 +5,15 @@ logit functions.
 
 from __future__ import annotations
 
+import json
+
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from blockffn.artifacts.integrity import check_agrees_with_library
 from blockffn.artifacts.reader import Artifact, ArtifactError, open_artifact
 from blockffn.errors import BlockFFNError
 from blockffn.sampling_params import SamplingParams
@@ -42,7 +45,9 @@ class PagedModel:
 
     def __init__(self, folder: Path, library: Path, param_names: list[str], device: str, max_batch: int,
                  context_window: int, prefill_chunk: int, hidden_size: int, functions, dtype: str,
-                 max_total_seq_len: int | None = None, page_size: int = 16):
+                 max_total_seq_len: int | None = None, page_size: int = 16, manifest: dict | None = None):
+        """``manifest``: the artifact manifest the sizes came from, checked against the library's ``_metadata``
+        (without it, only the sizes are)."""
         import tvm
         from tvm.runtime.vm import VirtualMachine  # runtime-only: no tvm.relax (compiler) import
 
@@ -58,6 +63,8 @@ class PagedModel:
             raise ArtifactError(f"{library}: cannot be loaded ({str(e).splitlines()[0]})") from None
         self.lib = lib
         self.vm = VirtualMachine(lib, self.dev)
+        check_agrees_with_library(json.loads(str(self.vm["_metadata"]())), library, manifest or {
+            "context_window_size": context_window, "prefill_chunk_size": prefill_chunk, "max_batch_size": max_batch})
         self.params = self._load_params(param_names)
         self._f = {name: tvm.get_global_func(f"vm.builtin.{name}") for name in (
             "kv_state_add_sequence", "kv_state_remove_sequence", "kv_state_fork_sequence",
@@ -195,7 +202,8 @@ class Engine(PagedModel):
         self.cfg = self.art.config
         super().__init__(self.art.path, self.art.library, self.art.param_names, device, m["max_batch_size"],
                          m["context_window_size"], m["prefill_chunk_size"], self.cfg.hidden_size,
-                         m.get("functions", []), m["dtype"], max_total_seq_len, page_size)
+                         m.get("functions", []), m["dtype"], max_total_seq_len, page_size,
+                         manifest=m if model_lib is None else None)
         self.ffn = ffn
         self._names = self._function_names(ffn)
         self._tokenizer = None

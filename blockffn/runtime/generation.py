@@ -130,7 +130,7 @@ class Generator:
         e = self.engine
         if not prompt_ids:
             raise BlockFFNError("the prompt encodes to zero tokens")
-        headroom = self.spec.tree_size if self.spec.mode != "off" else 0
+        headroom = max(self.spec.tree_size, self.spec.chain_len + 1) if self.spec.mode != "off" else 0
         if len(prompt_ids) + params.max_tokens + headroom > e.context_window:
             raise BlockFFNError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens {params.max_tokens}"
                                 f"{f' + {headroom} verify tokens' if headroom else ''} exceeds the context window of "

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from blockffn.sampling_params import SamplingParams
+from blockffn.validation import POSITIVE
 
 
 @dataclass
@@ -20,6 +21,10 @@ class GenerationParams(SamplingParams):
     repetition_penalty: float = 1.0  # > 1 discourages tokens already generated (MLC / HF semantics)
     stop: tuple = ()  # stop strings: generation ends before the first occurrence
     stop_token_ids: tuple = ()  # extra stop tokens (EOS is one when stop_at_eos)
+
+    def __post_init__(self):
+        super().__post_init__()
+        POSITIVE.check("repetition_penalty", self.repetition_penalty)
 
     @property
     def is_greedy(self) -> bool:

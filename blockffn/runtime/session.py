@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from blockffn.errors import BlockFFNError
+from blockffn.validation import OptionError
 
 
 def open_drafter(option, engine, device: str):
@@ -46,6 +47,10 @@ def open_generator(artifact, device: str = "cpu", draft=None, speculative: str =
     from blockffn.runtime.generation import Generator, SpecConfig
 
     engine = Engine(artifact, device=device, ffn=ffn, model_lib=model_lib)
+    longest = min(engine.context_window, engine.prefill_chunk) - 1  # one verify call holds the chain + 1 token
+    if draft_len > longest:
+        raise OptionError(f"--draft-len {draft_len} is beyond what one verify call of {artifact} holds (at most "
+                          f"{longest}: context window {engine.context_window}, prefill chunk {engine.prefill_chunk})")
     drafter = open_drafter(draft, engine, device) if speculative != "off" else None
     mode = resolve_mode(speculative, drafter)
     if mode != "off" and drafter is None:

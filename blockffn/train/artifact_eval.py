@@ -35,7 +35,7 @@ def artifact_window_nll(engine, tokens, seq_len: int, max_tokens: int | None = N
     if max_tokens is not None:
         n_windows = min(n_windows, max(1, max_tokens // seq_len))
     if n_windows <= 0:
-        raise BlockFFNError(f"evaluation text has {len(tokens)} tokens; need more than seq_len={seq_len}")
+        raise BlockFFNError(f"evaluation text has {len(tokens)} tokens; need more than --seq-len {seq_len}")
     nll, count, chunk = 0.0, 0, engine.prefill_chunk
     for w in range(n_windows):
         window = tokens[w * seq_len: (w + 1) * seq_len + 1]

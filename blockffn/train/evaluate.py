@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from blockffn.data.prepare import PackedSplit
+from blockffn.errors import DataError
 from blockffn.train.metrics import SparsityStats
 
 
@@ -49,7 +50,7 @@ def evaluate(model, split: PackedSplit, seq_len: int = 256, max_tokens: int | No
     model.eval()
     starts = eval_windows(len(split.tokens), seq_len, max_tokens)
     if not starts:
-        raise ValueError(f"evaluation text has {len(split.tokens)} tokens; need more than seq_len={seq_len}")
+        raise DataError(f"evaluation text has {len(split.tokens)} tokens; need more than --seq-len {seq_len}")
     stats = SparsityStats(cfg.num_hidden_layers, cfg.num_experts)
     nll, count = 0.0, 0
     for i in range(0, len(starts), batch_size):

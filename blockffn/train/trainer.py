@@ -22,10 +22,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from blockffn.data.prepare import load_split
-from blockffn.errors import DataError
+from blockffn.errors import CheckpointError, DataError
 from blockffn.model.checkpoint import load_model, save_model
 from blockffn.model.config import BlockFFNConfig
 from blockffn.model.modeling import BlockFFNForCausalLM
+from blockffn.outputs import CLAIM, OutputError
 from blockffn.train.evaluate import evaluate, window_batch
 from blockffn.train.lambda_scheduler import AdaptiveLambda
 from blockffn.train.losses import activation_locality_loss, chunk_sparsity_loss
@@ -112,6 +113,8 @@ class Trainer:
     def __init__(self, tc: TrainConfig, model_config: BlockFFNConfig | None = None, log=print, progress=None):
         self.tc = tc
         self.log = log
+        if Path(tc.output_dir).exists() and not Path(tc.output_dir).is_dir():
+            raise OutputError(f"{tc.output_dir}: exists and is not a folder (give a folder for the run)")
         self.rank, self.world = setup_distributed()
         if tc.threads:
             torch.set_num_threads(tc.threads)
@@ -126,7 +129,7 @@ class Trainer:
         self.out = Path(tc.output_dir)
         self.ckpt_dir = self.out / "checkpoint"
         self.state = {"step": 0, "tokens": 0, "elapsed": 0.0}
-        resume = (self.ckpt_dir / "trainer_state.pt").exists()
+        resume = self._has_checkpoint()
         if resume:
             self.model = load_model(self.ckpt_dir, dtype="float32").train()
             self.log(f"resuming from {self.ckpt_dir}")
@@ -149,8 +152,37 @@ class Trainer:
             self.opt.load_state_dict(st["optimizer"])
             self.lambda_cs.load_state_dict(st["lambda_cs"])
             self.state = st["state"]
-        self.history: list[dict] = []
+        self.history = self._previous_history() if resume else []  # history.jsonl is extended, never cut short
+        self.new_steps = len(self.history)
         self.progress = progress
+
+    def _has_checkpoint(self) -> bool:
+        """Whether OUTPUT/checkpoint holds a complete checkpoint; one without its trainer state is refused (a silent
+        restart would replace the trained model with a fresh one)."""
+        if not self.ckpt_dir.is_dir() or not any(p.name != CLAIM for p in self.ckpt_dir.iterdir()):
+            return False
+        if not (self.ckpt_dir / "trainer_state.pt").is_file():
+            raise CheckpointError(f"{self.ckpt_dir}: incomplete checkpoint (no trainer_state.pt), so training cannot "
+                                  f"resume; restore it, or move the folder away to start over")
+        return True
+
+    def _previous_history(self) -> list[dict]:
+        """The history of the steps up to the checkpoint (later lines belong to steps that will be run again)."""
+        path = self.out / "history.jsonl"
+        if not path.is_file():
+            return []
+        try:
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: malformed (not one JSON object per line); move it away to resume") from None
+        return [r for r in records if isinstance(r, dict) and r.get("step", 0) <= self.state["step"]]
+
+    def _write_history(self) -> None:
+        path = self.out / "history.jsonl"
+        tmp = path.with_name(f".history.jsonl.tmp-{os.getpid()}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+        os.replace(tmp, path)
 
     # ---------------------------------------------------------------------------------------------- batches
     def sample_batch(self, step: int) -> dict:
@@ -221,7 +253,7 @@ class Trainer:
             self.save_final(last_eval)
         if self.world > 1:
             dist.barrier()
-        return {"step": step, "eval": last_eval, "history": self.history, "state": dict(self.state)}
+        return {"step": step, "eval": last_eval, "history": self.history[self.new_steps:], "state": dict(self.state)}
 
     def run_eval(self, step: int) -> dict:
         bpt = self.meta.get("val_bytes_per_token")
@@ -238,9 +270,11 @@ class Trainer:
                 "state": dict(self.state)}
 
     def save_checkpoint(self) -> None:
-        tok = self.tc.data_dir
-        save_model(self.model, self.ckpt_dir, dtype="float32", tokenizer_dir=tok, overwrite=True)
-        torch.save(self._trainer_state(), self.ckpt_dir / "trainer_state.pt")
+        """Weights and trainer state appear together (one rename), then the history up to this step."""
+        state = self._trainer_state()
+        save_model(self.model, self.ckpt_dir, dtype="float32", tokenizer_dir=self.tc.data_dir, overwrite=True,
+                   also=lambda tmp: torch.save(state, tmp / "trainer_state.pt"))
+        self._write_history()
 
     def save_final(self, final_eval: dict) -> None:
         """The trained model (fp32, official format, tokenizer included) in OUTPUT, plus the resumable checkpoint."""
@@ -251,7 +285,6 @@ class Trainer:
         final = self.out / "model"
         save_model(self.model, final, dtype="float32", tokenizer_dir=self.tc.data_dir, overwrite=True,
                    extra_files={"training_summary.json": json.dumps(summary, indent=2, default=float) + "\n"})
-        (self.out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in self.history))
 
 
 class _nullcontext:
