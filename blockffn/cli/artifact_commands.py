@@ -52,6 +52,9 @@ def _compile_options(f):
         click.option("--cuda-graph", is_flag=True,
                      help="CUDA targets: capture each step's kernels (between KV-cache calls) as CUDA graphs and "
                           "replay them, removing most per-kernel launch cost (BlockFFN layers are inlined first)."),
+        click.option("--dump-ir", type=click.Path(path_type=Path), default=None,
+                     help="Write the module after every pipeline phase (attach, graph, dispatch, legalize, schedule, "
+                          "lower) as TVMScript into DIR/model/NN-<phase>.py (and DIR/draft/ for the draft)."),
         click.option("--overwrite", is_flag=True, help="Replace an existing output folder."),
         click.option("--list-targets", is_flag=True, help="Print the target presets and exit."),
     ]
@@ -61,7 +64,7 @@ def _compile_options(f):
 
 
 def _run_compile(model_dir, target, quantization, output, context_window, prefill_chunk, max_batch_size, ffn,
-                 union_chunk, arch, draft, debug_counts, tune_trials, tune_db, cuda_graph, overwrite,
+                 union_chunk, arch, draft, debug_counts, tune_trials, tune_db, cuda_graph, dump_ir, overwrite,
                  list_targets) -> None:
     from blockffn.targets import list_targets as presets
 
@@ -75,7 +78,8 @@ def _run_compile(model_dir, target, quantization, output, context_window, prefil
     opts = CompileOptions(model_dir=_model_dir(model_dir), target=target, quantization=quantization, output=output,
                           context_window=context_window, prefill_chunk=prefill_chunk, max_batch_size=max_batch_size,
                           overwrite=overwrite, ffn=ffn, union_chunk=union_chunk, arch=arch, draft=draft,
-                          debug_counts=debug_counts, tune_trials=tune_trials, tune_db=tune_db, cuda_graph=cuda_graph)
+                          debug_counts=debug_counts, tune_trials=tune_trials, tune_db=tune_db, cuda_graph=cuda_graph,
+                          dump_ir=dump_ir)
     r = compile_model(opts, log=click.echo)
     peak = max(r["peak_rss_mb"].values(), default=0)
     if "deploy" in r:  # library-only output

@@ -398,7 +398,7 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
             def build_draft_library(module, meta, out_dir):  # not tuned: the draft is a small share of a step
                 executable, fns, _ = lower_and_build(module, meta, bounds, preset, target,
                                                      None if prefix is None else prefix + "draft_", timer,
-                                                     phase="draft ")
+                                                     phase="draft ", dump_ir=opts.dump_ir)
                 with timer("draft export_library"):
                     executable.export_library(str(out_dir / draft_lib), **({"fcompile": fcompile} if fcompile else {}))
                 return draft_lib, fns
