@@ -21,7 +21,8 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, gen: torch.Generat
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < params.top_p
+        before = torch.cat([sorted_p.new_zeros(1), torch.cumsum(sorted_p, 0)[:-1]])  # exclusive: no rounding slack
+        keep = before < params.top_p  # (as blockffn.nucleus.top_p_filter)
         keep[0] = True  # the top token always (also at top_p <= 0)
         sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)

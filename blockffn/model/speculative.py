@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from blockffn.nucleus import top_p_filter
+
 
 @dataclass(frozen=True)
 class DraftTree:
@@ -244,13 +246,4 @@ def sampling_probs(logits: np.ndarray, temperature: float, top_p: float = 1.0) -
     z = z - z.max(-1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(-1, keepdims=True)
-    if top_p < 1.0:
-        order = np.argsort(-p, axis=-1, kind="stable")
-        sp = np.take_along_axis(p, order, -1)
-        keep = np.cumsum(sp, -1) - sp < top_p
-        keep[..., 0] = True  # the top token even at top_p <= 0
-        sp = np.where(keep, sp, 0.0)
-        p = np.zeros_like(p)
-        np.put_along_axis(p, order, sp, -1)
-        p /= p.sum(-1, keepdims=True)
-    return p
+    return top_p_filter(p, top_p)
