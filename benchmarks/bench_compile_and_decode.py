@@ -23,6 +23,8 @@ from blockffn.data.prepare import load_tokenizer
 from blockffn.model import BlockFFNForCausalLM, load_model, preset_config, save_model
 from blockffn.model.generate import SamplingParams, generate
 from blockffn.runtime.engine import Engine
+from blockffn.runtime.generation import Generator
+from blockffn.runtime.sampling import GenerationParams
 
 PROMPT = "The President of the United States said that the"
 
@@ -38,9 +40,10 @@ def decode_speed(artifact: Path, model_dir: Path, n_tokens: int) -> dict:
     tok = load_tokenizer(model_dir)
     ids = tok.encode(PROMPT).ids
     params = SamplingParams(max_tokens=n_tokens, greedy=True, stop_at_eos=False)
-    engine = Engine(artifact)
-    engine.generate(ids, SamplingParams(max_tokens=8, greedy=True))  # warm-up
-    tvm_r = engine.generate(ids, params)
+    gen = Generator(Engine(artifact))
+    gen.generate(ids, GenerationParams(max_tokens=8, greedy=True))  # warm-up
+    r = gen.generate(ids, GenerationParams(max_tokens=n_tokens, greedy=True, stop_at_eos=False))
+    tvm_r = {"tokens": list(r.tokens), "tok_per_s": r.tok_per_s}
     model = load_model(model_dir)
     generate(model, ids, SamplingParams(max_tokens=8, greedy=True))
     torch_r = generate(model, ids, params)

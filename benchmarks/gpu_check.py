@@ -58,8 +58,9 @@ def make_ref(model_dir: str, out: str, n_decode: int = 32, quantization: str | N
 
 
 def check(ref_path: str, artifact: str, label: str) -> dict:
-    from blockffn.model.generate import SamplingParams
     from blockffn.runtime.engine import Engine
+    from blockffn.runtime.generation import Generator
+    from blockffn.runtime.sampling import GenerationParams
 
     ref = np.load(ref_path)
     prompt, tokens, ref_logits = list(ref["prompt"]), list(ref["tokens"]), ref["logits"]
@@ -70,13 +71,15 @@ def check(ref_path: str, artifact: str, label: str) -> dict:
         lg = engine.decode(0, tok)
         errs.append(float(np.abs(lg - ref_logits[i + 1]).max() / np.abs(ref_logits[i + 1]).max()))
     engine.remove_sequence(0)
-    gen = engine.generate(prompt, SamplingParams(max_tokens=len(tokens), greedy=True, stop_at_eos=False))
+    generator = Generator(engine)
+    params = GenerationParams(max_tokens=len(tokens), greedy=True, stop_at_eos=False)
+    gen = generator.generate(prompt, params, text=False)
     n = 256
-    engine.generate(prompt, SamplingParams(max_tokens=16, greedy=True, stop_at_eos=False))
-    timed = engine.generate(prompt, SamplingParams(max_tokens=n, greedy=True, stop_at_eos=False))
+    generator.generate(prompt, GenerationParams(max_tokens=16, greedy=True, stop_at_eos=False), text=False)
+    timed = generator.generate(prompt, GenerationParams(max_tokens=n, greedy=True, stop_at_eos=False), text=False)
     return {"artifact": label, "ffn": engine.art.manifest.get("ffn"), "max_rel_err": max(errs),
-            "greedy_matches_pytorch": gen["tokens"] == tokens, "decode_tok_s": timed["tok_per_s"],
-            "prefill_tok_s": timed["prefill_tok_per_s"]}
+            "greedy_matches_pytorch": list(gen.tokens) == tokens,
+            "decode_tok_s": (len(timed.tokens) - 1) / timed.decode_s, "prefill_tok_s": timed.prefill_tok_per_s}
 
 
 def main() -> None:

@@ -112,14 +112,17 @@ def copy_bandwidth() -> float:
 
 
 def decode_ms(engine, tokens: int, runs: int) -> tuple[float, list[int]]:
-    from blockffn.model.generate import SamplingParams
+    """Median ms per decode step through the runtime's Generator (the loop `blockffn generate` runs)."""
+    from blockffn.runtime.generation import Generator
+    from blockffn.runtime.sampling import GenerationParams
 
-    engine.generate(PROMPT, SamplingParams(max_tokens=16, greedy=True, stop_at_eos=False))  # warm-up / capture
+    gen = Generator(engine)
+    gen.generate(PROMPT, GenerationParams(max_tokens=16, greedy=True, stop_at_eos=False), text=False)  # capture
     times, first = [], None
     for _ in range(runs):
-        r = engine.generate(PROMPT, SamplingParams(max_tokens=tokens, greedy=True, stop_at_eos=False))
-        times.append(1000 * r["decode_s"] / (len(r["tokens"]) - 1))
-        first = r["tokens"][:16]
+        r = gen.generate(PROMPT, GenerationParams(max_tokens=tokens, greedy=True, stop_at_eos=False), text=False)
+        times.append(1000 * r.decode_s / (len(r.tokens) - 1))
+        first = list(r.tokens[:16])
     return float(np.median(times)), first
 
 

@@ -17,17 +17,18 @@ from pathlib import Path
 from blockffn import default_model_path
 from blockffn.compiler.compile import CompileOptions, compile_model
 from blockffn.model import BlockFFNForCausalLM, preset_config, save_model
-from blockffn.model.generate import SamplingParams
 from blockffn.runtime.engine import Engine
+from blockffn.runtime.generation import Generator
+from blockffn.runtime.sampling import GenerationParams
 
 PROMPT_IDS = [5, 17, 99, 240, 13, 7, 1024, 33]
 
 
 def decode_tok_s(artifact: Path, n_tokens: int) -> float:
-    engine = Engine(artifact)
-    engine.generate(PROMPT_IDS, SamplingParams(max_tokens=4, greedy=True, stop_at_eos=False))  # warm-up
-    return engine.generate(PROMPT_IDS, SamplingParams(max_tokens=n_tokens, greedy=True,
-                                                      stop_at_eos=False))["tok_per_s"]
+    gen = Generator(Engine(artifact))
+    gen.generate(PROMPT_IDS, GenerationParams(max_tokens=4, greedy=True, stop_at_eos=False))  # warm-up
+    r = gen.generate(PROMPT_IDS, GenerationParams(max_tokens=n_tokens, greedy=True, stop_at_eos=False))
+    return (len(r.tokens) - 1) / r.decode_s  # decode steps only
 
 
 def main() -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import numpy as np
 from blockffn.artifacts.integrity import check_agrees_with_library
 from blockffn.artifacts.reader import Artifact, ArtifactError, open_artifact
 from blockffn.errors import BlockFFNError
-from blockffn.sampling_params import SamplingParams
 
 
 def _device(kind: str):
@@ -368,52 +366,3 @@ class Engine(PagedModel):
     def library_function(self, name: str):
         """A TIR function of the library (e.g. the in-place logit processors), as MLC's runtime looks it up."""
         return self.lib.get_function(name, query_imports=True)
-
-    # ------------------------------------------------------------------------------------------ sampling
-    def probs(self, logits: np.ndarray, temperature: float) -> np.ndarray:
-        """Softmax with temperature through the library's ``softmax_with_temperature``."""
-        lg = self._tensor(logits.reshape(1, 1, -1).astype(np.float32))
-        t = self._tensor(np.array([temperature], dtype=np.float32))
-        return self.vm["softmax_with_temperature"](lg, t).numpy()[0, 0]
-
-    def sample(self, logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-        if params.greedy or params.temperature <= 0:
-            return int(np.argmax(logits))
-        p = self.probs(logits, params.temperature).astype(np.float64)
-        if params.top_p < 1.0:
-            order = np.argsort(-p, kind="stable")
-            sorted_p = p[order]
-            keep = np.cumsum(sorted_p) - sorted_p < params.top_p
-            p = np.zeros_like(p)
-            p[order[keep]] = sorted_p[keep]
-        p /= p.sum()
-        return int(rng.choice(len(p), p=p))
-
-    def generate(self, prompt_ids, params: SamplingParams, seq_id: int = 0) -> dict:
-        if not prompt_ids:
-            raise BlockFFNError("the prompt encodes to zero tokens")
-        if len(prompt_ids) + params.max_tokens > self.context_window:
-            raise BlockFFNError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens {params.max_tokens} exceeds the "
-                                f"context window of {self.context_window}")
-        if seq_id in self.state.lengths:
-            self.remove_sequence(seq_id)
-        self.add_sequence(seq_id)
-        rng = np.random.default_rng(params.seed)
-        try:
-            t0 = time.perf_counter()
-            logits = self.prefill(seq_id, prompt_ids)
-            t_prefill = time.perf_counter() - t0
-            tokens = []
-            t1 = time.perf_counter()
-            while True:
-                tok = self.sample(logits, params, rng)
-                tokens.append(tok)
-                if (params.stop_at_eos and tok == self.cfg.eos_token_id) or len(tokens) == params.max_tokens:
-                    break
-                logits = self.decode(seq_id, tok)
-            t_decode = time.perf_counter() - t1
-        finally:
-            self.remove_sequence(seq_id)
-        return {"tokens": tokens, "prefill_s": t_prefill, "decode_s": t_decode,
-                "prefill_tok_per_s": len(prompt_ids) / t_prefill if t_prefill > 0 else float("inf"),
-                "tok_per_s": len(tokens) / t_decode if t_decode > 0 else float("inf")}

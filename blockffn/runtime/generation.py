@@ -56,16 +56,22 @@ class GenerationResult:
 
 
 class _StopWatch:
-    """Streams text deltas, holding back a tail that could still become a stop string."""
+    """Streams text deltas, holding back a tail that could still become a stop string.  Text is decoded per token
+    only when something reads it (stop strings, a streaming callback): otherwise once, at the end, if wanted."""
 
-    def __init__(self, tokenizer, stops, on_text):
-        self.tok, self.stops, self.on_text = tokenizer, [s for s in stops if s], on_text
+    def __init__(self, engine, stops, on_text, want_text: bool = True):
+        self.engine, self.stops, self.on_text = engine, [s for s in stops if s], on_text
+        self.want_text = want_text
         self.sent = 0
         self.text = ""
+        self.tokens, self.n = [], 0
 
     def update(self, tokens) -> bool:
         """True when a stop string appeared (self.text is then cut before it)."""
-        self.text = self.tok.decode(tokens)
+        self.tokens, self.n = tokens, len(tokens)  # (the list grows on: an EOS is appended without an update)
+        if not self.stops and self.on_text is None:
+            return False
+        self.text = self.engine.tokenizer.decode(tokens)
         for s in self.stops:
             i = self.text.find(s)
             if i >= 0:
@@ -82,6 +88,8 @@ class _StopWatch:
         self.sent = max(self.sent, upto)
 
     def finish(self) -> None:
+        if self.want_text and not self.stops and self.on_text is None:
+            self.text = self.engine.tokenizer.decode(self.tokens[: self.n])
         self._flush(len(self.text))
 
 
@@ -125,8 +133,10 @@ class Generator:
             return "tree", self.spec.tree_size - 1
         return "chain", self.spec.chain_len or 4
 
-    def generate(self, prompt_ids, params: GenerationParams, on_text=None, interrupted=lambda: False
-                 ) -> GenerationResult:
+    def generate(self, prompt_ids, params: GenerationParams, on_text=None, interrupted=lambda: False,
+                 text: bool = True) -> GenerationResult:
+        """Generate after ``prompt_ids``.  ``on_text`` streams text deltas; ``text=False`` skips decoding the text
+        (token ids only: benchmarks, artifacts shipped without a tokenizer)."""
         e = self.engine
         if not prompt_ids:
             raise BlockFFNError("the prompt encodes to zero tokens")
@@ -137,7 +147,7 @@ class Generator:
                                 f"{e.context_window}")
         rng = np.random.default_rng(params.seed)
         stop_ids = set(params.stop_token_ids) | ({e.cfg.eos_token_id} if params.stop_at_eos else set())
-        watch = _StopWatch(e.tokenizer, params.stop, on_text)
+        watch = _StopWatch(e, params.stop, on_text, want_text=text)
         e.reset()
         if e.ffn == "auto":  # before our sequence takes a slot (a library built for one sequence has no other)
             e.measure_prefill_choice()
