@@ -20,6 +20,7 @@ that exactly the requested fraction of experts is active in the union of the ste
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 import numpy as np
@@ -44,12 +45,14 @@ def build(cfg, target="cpu", export=None):
     mod, _ = SingleBlockFFN(cfg).export(decode_entries=True)
     mod = LowerBlockFFNSparse(["sparse", "sparse_decode"], family="cpu" if target == "cpu" else "gpu")(mod)
     tgt = get_target(target).tvm_target()
+    compiler = contextlib.nullcontext()
     if target == "cuda":
-        from blockffn.targets.cuda_build import configure_cuda_build
+        from blockffn.targets.cuda_build import cuda_build
 
-        configure_cuda_build(str(tgt.arch).removeprefix("sm_"))
+        compiler = cuda_build(str(tgt.arch).removeprefix("sm_"))
     pipe, _ = build_pipeline(tgt, {}, {"n": 64}, schedule_passes=schedule_passes(tgt))
-    ex = tvm.compile(mod, tgt, relax_pipeline=pipe)
+    with compiler:
+        ex = tvm.compile(mod, tgt, relax_pipeline=pipe)
     if export:
         ex.export_library(export)
         return None

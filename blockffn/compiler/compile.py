@@ -70,10 +70,6 @@ def build_library(opts: CompileOptions, cfg, preset, target, dtype: str, context
     from blockffn.compiler import library_funcs
     from blockffn.compiler.relax_model import cache_layout, export_model
 
-    if target.kind.name == "cuda":
-        from blockffn.targets.cuda_build import configure_cuda_build
-
-        configure_cuda_build(str(target.arch).removeprefix("sm_"))
     with timer("export"):
         mod, named_params, _ = export_model(cfg, dtype, target, scheme, opts.debug_counts)
         mod = library_funcs.add_logit_processors(mod, target)
@@ -181,10 +177,21 @@ def lower_and_build(mod, metadata: dict, bounds: dict, preset, target, prefix: s
     timer.pipeline_phases.update({f"{phase}{name}": s for name, s in phase_seconds.items()})
     functions = sorted(gv.name_hint for gv, f in lowered.functions.items()
                        if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs)
-    with timer(phase + "build"):
+    with timer(phase + "build"), _device_compiler(target):
         executable = relax.build(lowered, target, relax_pipeline=tvm.transform.Sequential([]),
                                  system_lib=preset.system_lib)
     return executable, functions, pass_names
+
+
+def _device_compiler(target):
+    """nvcc for CUDA device code during the build (`blockffn.targets.cuda_build.cuda_build`); nothing otherwise."""
+    import contextlib
+
+    if target.kind.name != "cuda":
+        return contextlib.nullcontext()
+    from blockffn.targets.cuda_build import cuda_build
+
+    return cuda_build(str(target.arch).removeprefix("sm_"))
 
 
 def _cuda_graph_context(enabled: bool):

@@ -12,7 +12,7 @@ from pathlib import Path
 from blockffn import __version__
 from blockffn.artifacts import layout
 from blockffn.errors import BlockFFNError
-from blockffn.model.checkpoint import TensorSource
+from blockffn.model.tensor_source import TensorSource
 from blockffn.model.config import BlockFFNConfig
 from blockffn.targets import get_target
 

@@ -21,7 +21,8 @@ import numpy as np
 from blockffn.artifacts import layout
 from blockffn.artifacts.weights import param_records, to_numpy, write_tensor_cache
 from blockffn.errors import BlockFFNError
-from blockffn.model.checkpoint import TOKENIZER_FILES, TensorSource, checkpoint_sha256
+from blockffn.model.checkpoint import TOKENIZER_FILES, checkpoint_sha256
+from blockffn.model.tensor_source import TensorSource
 from blockffn.model.config import BlockFFNConfig
 
 ROWS_PER_BLOCK = 8192  # rows converted at a time: bounds the fp32 temporaries of a large embedding / LM head

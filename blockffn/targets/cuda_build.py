@@ -9,6 +9,7 @@ compatibility, so Jetson needs sm_87 exactly), embedding PTX too for forward com
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -28,9 +29,6 @@ S(cuDeviceGet) S(cuDeviceGetAttribute) S(cuPointerGetAttribute) S(cuCtxSetCurren
 int cuGetErrorName(int e, const char** s) { *s = "CUDA_STUB"; return 0; }
 int cuGetErrorString(int e, const char** s) { *s = "blockffn build-host libcuda stub"; return 0; }
 """
-
-_configured: set[str] = set()
-
 
 def _ensure_libcuda() -> None:
     """Load the real libcuda if present, else a freshly built build-host stub (same SONAME, RTLD_GLOBAL)."""
@@ -77,25 +75,35 @@ def _load_tvm_cuda_runtime() -> None:
                             f"toolkit's runtime (libcudart)") from None
 
 
-def configure_cuda_build(sm: str) -> None:
-    """Make TVM compile CUDA kernels into an sm_<sm> fatbin (plus PTX) with nvcc during this process."""
-    if sm in _configured:
-        return
+CALLBACK = "tvm_callback_cuda_compile"
+
+
+@contextlib.contextmanager
+def cuda_build(sm: str):
+    """While inside, TVM compiles CUDA kernels into an sm_<sm> fatbin (plus PTX) with nvcc.  The compile callback
+    is registered for the build only: on leaving, the previous one (if any) is back, so no global setting outlives
+    the build that needed it."""
     if shutil.which("nvcc") is None:
         raise BlockFFNError("building for CUDA needs nvcc on PATH (install the CUDA toolkit, e.g. Debian "
                             "nvidia-cuda-toolkit, or NVIDIA's cuda-nvcc)")
     _ensure_libcuda()
-    _load_tvm_cuda_runtime()
+    _load_tvm_cuda_runtime()  # (a process-wide library load: the plugin that embeds compiled kernels)
     import tvm
     import tvm_ffi
     from tvm.support import nvcc
 
-    @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
     def _cuda_compile(code, *_args):
         with tvm.target.Target({"kind": "cuda", "arch": f"sm_{sm}"}):
             return nvcc.compile_cuda(code, target_format="fatbin", compiler="nvcc",
                                      arch=["-gencode", f"arch=compute_{sm},code=sm_{sm}",
                                            "-gencode", f"arch=compute_{sm},code=compute_{sm}"])
 
-    _configured.clear()
-    _configured.add(sm)
+    previous = tvm_ffi.get_global_func(CALLBACK, allow_missing=True)
+    tvm_ffi.register_global_func(CALLBACK, _cuda_compile, override=True)
+    try:
+        yield
+    finally:
+        if previous is None:
+            tvm_ffi.remove_global_func(CALLBACK)
+        else:
+            tvm_ffi.register_global_func(CALLBACK, previous, override=True)
