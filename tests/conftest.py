@@ -64,3 +64,22 @@ def top_p_reference(p, top_p):
                 break
         kept /= kept.sum()
     return out
+
+
+@pytest.fixture(scope="module")
+def sources(bundled_cpu_artifact, tmp_path_factory):
+    """What the hostile-input tests copy into each case's workspace: the compiled CPU artifact, the bundled model
+    and a small prepared data folder (tests/hostile_workspace.py)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from blockffn import default_model_path
+    from hostile_workspace import TEXT
+
+    root = tmp_path_factory.mktemp("hostile-sources")
+    (root / "corpus.txt").write_text(TEXT)
+    r = subprocess.run([sys.executable, "-m", "blockffn.cli", "data", "prepare", str(root / "corpus.txt"), "-o",
+                        str(root / "data"), "--vocab-size", "300"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return {"art": bundled_cpu_artifact, "model": Path(default_model_path()), "data": root / "data"}

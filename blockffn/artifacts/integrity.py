@@ -41,19 +41,19 @@ def check_library(manifest: dict, library: Path, manifest_path: Path) -> None:
                              f"artifact; recompile or copy the artifact again)")
 
 
-def check_agrees_with_library(metadata: dict, library: Path, stated: dict) -> None:
+def check_agrees_with_library(metadata: dict, library: Path, stated: dict, complete: bool = False) -> None:
     """What a runtime took from a manifest (``stated``) must be what the loaded library's ``_metadata`` says: the
     library is pinned by its sha256, the manifest's other fields are not, and e.g. a KV cache sized past the compiled
     bounds would let kernels index past their buffers.  A model library embeds its half of the manifest (the
     ``blockffn`` entry: target, dtype, sizes, layout, versions), all of which must agree, as must its FFN lowering,
-    function list and parameters; a draft library's sizes are top-level ``_metadata`` keys."""
+    function list and parameters; a draft library's sizes are top-level ``_metadata`` keys.  ``complete``: ``stated``
+    is a whole manifest, so a key it lacks is a disagreement too."""
     embedded = metadata.get(LIBRARY_MANIFEST_KEY)
+    reference = metadata
     if isinstance(embedded, dict):
         reference = dict(embedded, ffn=metadata.get("ffn"), functions=metadata.get("functions"),
                          params=[{k: p.get(k) for k in ("name", "shape", "dtype")} for p in metadata.get("params", [])])
-        keys = sorted(reference)
-    else:
-        reference, keys = metadata, sorted(stated.keys() & metadata.keys())
+    keys = sorted(reference) if complete and embedded else sorted(stated.keys() & reference.keys())
     for key in keys:
         if stated.get(key) != reference[key]:
             raise ArtifactError(f"{library}: compiled with {key} {str(reference[key])[:60]}, but the manifest says "

@@ -61,8 +61,10 @@ class PagedModel:
             raise ArtifactError(f"{library}: cannot be loaded ({str(e).splitlines()[0]})") from None
         self.lib = lib
         self.vm = VirtualMachine(lib, self.dev)
-        check_agrees_with_library(json.loads(str(self.vm["_metadata"]())), library, manifest or {
-            "context_window_size": context_window, "prefill_chunk_size": prefill_chunk, "max_batch_size": max_batch})
+        sizes = {"context_window_size": context_window, "prefill_chunk_size": prefill_chunk,
+                 "max_batch_size": max_batch}
+        check_agrees_with_library(json.loads(str(self.vm["_metadata"]())), library, manifest or sizes,
+                                  complete=manifest is not None)
         self.params = self._load_params(param_names)
         self._f = {name: tvm.get_global_func(f"vm.builtin.{name}") for name in (
             "kv_state_add_sequence", "kv_state_remove_sequence", "kv_state_fork_sequence",
