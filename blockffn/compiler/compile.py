@@ -281,7 +281,8 @@ def _write_artifact(plan: CompilePlan, timer: PhaseTimer, log) -> dict:
         manifest.update(**library_fields(tmp / plan.lib_name),
                         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         source=cache["metadata"]["blockffn"]["source"], draft=draft_entry,
-                        compile_seconds=timer.times, peak_rss_mb=timer.peak_rss_mb)
+                        compile_seconds=timer.times, pipeline_seconds=timer.pipeline_phases,
+                        peak_rss_mb=timer.peak_rss_mb)
         (tmp / layout.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "DEPLOY.md").write_text(deploy_text(plan.preset, manifest))
     return _report(plan, timer, built, param_bytes=sum(r["nbytes"] for r in param_records(cache)))
