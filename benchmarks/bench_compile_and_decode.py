@@ -31,7 +31,7 @@ PROMPT = "The President of the United States said that the"
 
 def timed_compile(model_dir: Path, out: Path, **kw) -> dict:
     t0 = time.perf_counter()
-    report = compile_model(CompileOptions(model_dir=model_dir, output=out, overwrite=True, **kw), log=lambda *_: None)
+    report = compile_model(CompileOptions(model_dir=model_dir, output=out, overwrite=True, **kw))
     report["total_s"] = time.perf_counter() - t0
     return report
 

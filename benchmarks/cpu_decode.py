@@ -89,8 +89,7 @@ def main() -> None:
             for dtype in args.dtypes.split(","):
                 art = tmp / f"{dtype}-{fraction}"
                 compile_model(CompileOptions(model_dir=model_dir, output=art, quantization=dtype, ffn="auto",
-                                             context_window=256, prefill_chunk=64, max_batch_size=1, draft="none"),
-                              log=lambda *_: None)
+                                             context_window=256, prefill_chunk=64, max_batch_size=1, draft="none"))
                 for threads in [int(t) for t in args.threads.split(",")]:
                     m = measure(art, args.tokens, threads)
                     for mode, active in (("dense", 1.0), ("sparse", fraction)):

@@ -33,8 +33,7 @@ def compile_presets(presets: list[str], out: Path) -> list[dict]:
     for name in presets:
         t0 = time.perf_counter()
         try:
-            r = compile_model(CompileOptions(model_dir=default_model_path(), target=name, output=out / name),
-                              log=lambda *_: None)
+            r = compile_model(CompileOptions(model_dir=default_model_path(), target=name, output=out / name))
         except BlockFFNError as e:
             rows.append({"preset": name, "skipped": str(e)})
             print(f"{name:<15} skipped: {e}")

@@ -21,6 +21,7 @@ import ctypes
 import gc
 import glob
 import json
+import logging
 import os
 import sys
 import time
@@ -45,8 +46,8 @@ def build(args) -> None:
             folder = out / f"{dtype}-{'graph' if graph else 'plain'}"
             r = compile_model(CompileOptions(model_dir=model, target="cuda", arch=args.arch, quantization=dtype,
                                              output=folder / "lib.so", context_window=args.context_window,
-                                             draft="none", cuda_graph=graph, overwrite=True), log=print)
-            gen_config(model, dtype, folder, args.context_window, overwrite=True, log=lambda *_: None)
+                                             draft="none", cuda_graph=graph, overwrite=True))
+            gen_config(model, dtype, folder, args.context_window, overwrite=True)
             print(f"{folder}: {sum(r['seconds'].values()):.0f} s, peak RSS {max(r['peak_rss_mb'].values()):.0f} MiB")
     (out / "bench.json").write_text(json.dumps({"preset": args.preset, "dtypes": args.dtype}) + "\n")
 
@@ -208,6 +209,7 @@ def prebuilt(args) -> None:
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the compile's phase lines
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--prebuilt", default=None, help="folder written by --build-only (on the GPU machine)")

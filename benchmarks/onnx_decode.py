@@ -61,7 +61,7 @@ def ours_decode(model_dir: Path, tmp: Path, prompt: list[int], tokens: int) -> d
     art = tmp / "artifact"
     t0 = time.perf_counter()
     compile_model(CompileOptions(model_dir=model_dir, output=art, context_window=max(256, 2 * (len(prompt) + tokens)),
-                                 draft="none"), log=lambda *_: None)
+                                 draft="none"))
     rows = {"compile_s": time.perf_counter() - t0}
     params = GenerationParams(max_tokens=tokens, greedy=True, stop_at_eos=False)
     for mode, ffn in (("dense-AR", "dense"), ("sparse-AR", "auto")):

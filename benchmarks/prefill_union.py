@@ -48,8 +48,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for chunk in args.chunks:
             out = Path(tmp) / f"c{chunk}"
-            compile_model(CompileOptions(model_dir=model, target="cpu", output=out, draft="none", union_chunk=chunk),
-                          log=lambda *_: None)
+            compile_model(CompileOptions(model_dir=model, target="cpu", output=out, draft="none", union_chunk=chunk))
             engine = Engine(out, ffn="sparse")
             for n in args.lengths:
                 tokens = calibration_tokens(engine, min(n, engine.context_window))

@@ -50,8 +50,7 @@ def main() -> None:
             for ffn in ("dense", "sparse"):
                 out = tmp / f"{dtype}-{ffn}"
                 report = compile_model(CompileOptions(model_dir=model_dir, output=out, quantization=dtype, ffn=ffn,
-                                                      context_window=256, prefill_chunk=64, max_batch_size=1),
-                                       log=lambda *_: None)
+                                                      context_window=256, prefill_chunk=64, max_batch_size=1))
                 row = {"dtype": dtype, "ffn": ffn, "param_bytes": report["param_bytes"],
                        "tok_s": decode_tok_s(out, args.tokens)}
                 rows.append(row)

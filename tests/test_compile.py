@@ -40,7 +40,7 @@ def compiled(request, tmp_path_factory):
     model_dir = default_model_path() if kind == "bundled" else make_random_model(root / "model", kind)
     out = root / "artifact"
     compile_model(CompileOptions(model_dir=model_dir, output=out, context_window=256, prefill_chunk=64,
-                                 max_batch_size=4, ffn=ffn or "auto"), log=lambda *_: None)
+                                 max_batch_size=4, ffn=ffn or "auto"))
     return load_model(model_dir), Engine(out), out
 
 

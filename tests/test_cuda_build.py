@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA
 def test_cuda_artifact_embeds_sm_fatbin(tmp_path):
     out = tmp_path / "cuda"
     compile_model(CompileOptions(model_dir=default_model_path(), target="cuda", arch="sm_87", quantization="q0f16",
-                                 output=out, context_window=256, prefill_chunk=64), log=lambda *_: None)
+                                 output=out, context_window=256, prefill_chunk=64))
     manifest = json.loads((out / "blockffn-manifest.json").read_text())
     assert manifest["target"]["tvm_target"]["arch"] == "sm_87" and manifest["target"]["device"] == "cuda"
     assert "LowerBlockFFNSparse" in manifest["passes"] and "ApplyDefaultSchedule" in " ".join(manifest["passes"])

@@ -68,7 +68,7 @@ def builds(tmp_path_factory):
     root = tmp_path_factory.mktemp("graph")
     for name, graph in (("plain", False), ("graph", True)):
         compile_model(CompileOptions(model_dir=default_model_path(), output=root / name, context_window=256,
-                                     prefill_chunk=64, draft="none", cuda_graph=graph), log=lambda *_: None)
+                                     prefill_chunk=64, draft="none", cuda_graph=graph))
     return root
 
 
@@ -105,11 +105,10 @@ def test_inlined_build_generates_the_pytorch_greedy_tokens(builds):
 def test_cuda_graph_library_captures_decode(tmp_path):
     lib = tmp_path / "m.so"
     compile_model(CompileOptions(model_dir=default_model_path(), target="cuda", arch="sm_90", quantization="q0f16",
-                                 output=lib, context_window=256, prefill_chunk=64, cuda_graph=True),
-                  log=lambda *_: None)
+                                 output=lib, context_window=256, prefill_chunk=64, cuda_graph=True))
     text = lib.read_bytes()
     assert b"vm.builtin.cuda_graph.run_or_capture" in text
     plain = tmp_path / "p.so"
     compile_model(CompileOptions(model_dir=default_model_path(), target="cuda", arch="sm_90", quantization="q0f16",
-                                 output=plain, context_window=256, prefill_chunk=64), log=lambda *_: None)
+                                 output=plain, context_window=256, prefill_chunk=64))
     assert b"vm.builtin.cuda_graph.run_or_capture" not in plain.read_bytes()

@@ -21,7 +21,7 @@ from blockffn.targets import get_target
 def build(tmp_path, target, quantization="q0f16"):
     out = tmp_path / target
     compile_model(CompileOptions(model_dir=default_model_path(), target=target, quantization=quantization,
-                                 output=out, context_window=256, prefill_chunk=64), log=lambda *_: None)
+                                 output=out, context_window=256, prefill_chunk=64))
     return out, json.loads((out / "blockffn-manifest.json").read_text())
 
 
@@ -143,7 +143,7 @@ def test_jetson_tar_output_gives_objects_to_link_on_the_device(tmp_path):
 def test_metal_tar_output_is_the_system_library_alone(tmp_path):
     lib = tmp_path / "metal.tar"
     compile_model(CompileOptions(model_dir=default_model_path(), target="metal", quantization="q0f16", output=lib,
-                                 context_window=256, prefill_chunk=64), log=lambda *_: None)
+                                 context_window=256, prefill_chunk=64))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metal.tar", "metal.tar.DEPLOY.md"]
     with tarfile.open(lib) as tar:
         blob = b"".join(tar.extractfile(m).read() for m in tar.getmembers() if m.isfile())

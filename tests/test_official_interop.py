@@ -74,7 +74,7 @@ def test_compiled_cpu_artifact_reproduces_official_logits_and_greedy_tokens(mode
     g = golden(name)
     out = tmp_path / "artifact"
     compile_model(CompileOptions(model_dir=model_dirs[name], output=out, context_window=64, prefill_chunk=32,
-                                 max_batch_size=1, draft="none"), log=lambda *_: None)
+                                 max_batch_size=1, draft="none"))
     engine = Engine(out)
     prompt = g["prompt"].tolist()
     engine.add_sequence(0)

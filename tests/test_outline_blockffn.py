@@ -119,3 +119,38 @@ def test_non_blockffn_graphs_are_left_alone(case, reason):
     assert outline.matched == {"main": 0}
     assert any(reason in m for m in outline.unmatched["main"])
     assert tvm_ffi.structural_equal(out["main"], mod["main"])
+
+
+@pytest.mark.parametrize("flaw", ["sigmoid router", "no router norm"])
+def test_lowering_refuses_a_marked_function_that_is_not_a_blockffn_layer(flaw):
+    """LowerBlockFFNSparse states its precondition: a function named BlockFFN* must compute the dense layer over
+    its own parameters; one that does not is refused by name, never lowered to kernels that assume the layer."""
+    n = tvm.tirx.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType([1, n, D], "float32"))
+    params = [relax.Var("x", relax.TensorType([1, n, D], "float32")),
+              relax.Var("router", relax.TensorType([E, D], "float32")),
+              relax.Var("norm", relax.TensorType([E], "float32")),
+              relax.Var("up", relax.TensorType([E * DE, D], "float32")),
+              relax.Var("down_t", relax.TensorType([E * DE, D], "float32"))]
+    px, router, norm, up, down = params
+    bb = relax.BlockBuilder()
+    with bb.function("BlockFFN_bad", params, private=True):
+        with bb.dataflow():
+            a0 = bb.emit(op.matmul(px, op.permute_dims(router)))
+            act = op.sigmoid(a0) if flaw == "sigmoid router" else op.nn.relu(a0)
+            gate = bb.emit(op.multiply(act, norm) if flaw == "no router norm"
+                           else op.nn.rms_norm(act, norm, axes=[-1], epsilon=EPS))
+            h = bb.emit(op.nn.silu(op.matmul(px, op.permute_dims(up))))
+            h = bb.emit(op.reshape(op.multiply(op.reshape(h, [1, n, E, DE]), op.reshape(gate, [1, n, E, 1])),
+                                   [1, n, E * DE]))
+            out = bb.emit_output(op.matmul(h, down))
+        bad = bb.emit_func_output(out)
+    w = weights()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            consts = [relax.const(w["router"]), relax.const(w["norm"]), relax.const(w["up"]),
+                      relax.const(np.ascontiguousarray(w["down"].T))]
+            y = bb.emit_output(relax.Call(bad, [x, *consts]))
+        bb.emit_func_output(y)
+    with pytest.raises(ValueError, match="BlockFFN_bad is marked as a BlockFFN layer but"):
+        LowerBlockFFNSparse({"main": None}, family="cpu")(bb.get())

@@ -36,7 +36,7 @@ def artifacts(tmp_path_factory):
     """q4f16_1 through the library API, q4f32_1 through the CLI's --quantization alias."""
     root = tmp_path_factory.mktemp("q4")
     compile_model(CompileOptions(model_dir=default_model_path(), output=root / "q4f16_1", quantization="q4f16_1",
-                                 context_window=256, prefill_chunk=64, max_batch_size=2), log=lambda *_: None)
+                                 context_window=256, prefill_chunk=64, max_batch_size=2))
     r = subprocess.run([sys.executable, "-m", "blockffn.cli", "compile", "--quantization", "q4f32_1",
                         "--context-window", "256", "--prefill-chunk", "64", "--max-batch-size", "2",
                         "-o", str(root / "q4f32_1")], capture_output=True, text=True)

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None,
 
 def _compile(out: Path, target: str) -> Path:
     compile_model(CompileOptions(model_dir=default_model_path(), target=target, output=out, context_window=256,
-                                 prefill_chunk=16), log=lambda *_: None)
+                                 prefill_chunk=16))
     return out
 
 

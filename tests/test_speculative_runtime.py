@@ -48,7 +48,7 @@ def art(tmp_path_factory):
         draft_dir = save_draft(head, root / "draft-src")
     out = root / "art"
     compile_model(CompileOptions(model_dir=default_model_path(), output=out, context_window=512, prefill_chunk=64,
-                                 draft=str(draft_dir), debug_counts=True), log=lambda *_: None)
+                                 draft=str(draft_dir), debug_counts=True))
     return out, draft_dir, target
 
 

@@ -80,15 +80,13 @@ def builds(tmp_path_factory):
     """An untuned artifact, one tuned (8 trials on the costliest static kernel) into a fresh database, and one
     that only applies that database."""
     root = tmp_path_factory.mktemp("tune")
-    quiet = dict(log=lambda *_: None)
     model = default_model_path()
-    compile_model(CompileOptions(model_dir=model, output=root / "plain", **TINY), **quiet)
+    compile_model(CompileOptions(model_dir=model, output=root / "plain", **TINY))
     tuned = compile_model(CompileOptions(model_dir=model, output=root / "tuned", tune_trials=8, tune_db=root / "db",
-                                         tune_max_kernels=1, **TINY), **quiet)
+                                         tune_max_kernels=1, **TINY))
     records = (root / "db" / "database_tuning_record.json").read_text()
     with recorded_searches() as searches:
-        applied = compile_model(CompileOptions(model_dir=model, output=root / "applied", tune_db=root / "db", **TINY),
-                                **quiet)
+        applied = compile_model(CompileOptions(model_dir=model, output=root / "applied", tune_db=root / "db", **TINY))
     assert searches == []  # applying a database measures nothing
     return root, tuned, applied, records
 
@@ -140,7 +138,7 @@ def test_kernels_tuned_before_are_not_tuned_again(builds):
     root, _, _, records = builds
     with recorded_searches() as searches:
         compile_model(CompileOptions(model_dir=default_model_path(), output=root / "again", tune_trials=8,
-                                     tune_db=root / "db", tune_max_kernels=1, **TINY), log=lambda *_: None)
+                                     tune_db=root / "db", tune_max_kernels=1, **TINY))
     assert searches == []  # the kernel had its 8-trial budget: no search starts (was: a wall-clock bound)
     assert (root / "db" / "database_tuning_record.json").read_text() == records
     budgets = json.loads((root / "db" / "blockffn-trials.json").read_text())  # each tuned kernel's trial budget

@@ -18,7 +18,7 @@ import click
 
 from blockffn.cli import artifact_commands, model_commands, onnx_commands, run_commands  # noqa: F401 - registers
 from blockffn.cli.artifact_commands import compile_entry
-from blockffn.cli.base import _echo_err, cli
+from blockffn.cli.base import _echo_err, cli, configure_logging
 from blockffn.errors import BlockFFNError
 from blockffn.validation import OptionError
 
@@ -32,6 +32,7 @@ DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPER
 def _run(command: click.Command, argv, prog_name: str) -> None:
     """Run a Click command; user errors become one line on stderr and a non-zero exit."""
     start = time.time()
+    configure_logging()
     try:
         command.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Abort:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import click
 
-from blockffn.cli.base import _model_dir, cli, to_json
+from blockffn.cli.base import _model_dir, cli, quiet_logs, to_json
 from blockffn.validation import NON_NEGATIVE_INT, POSITIVE_INT, Number
 
 
@@ -80,7 +81,7 @@ def _run_compile(model_dir, target, quantization, output, context_window, prefil
                           overwrite=overwrite, ffn=ffn, union_chunk=union_chunk, arch=arch, draft=draft,
                           debug_counts=debug_counts, tune_trials=tune_trials, tune_db=tune_db, cuda_graph=cuda_graph,
                           dump_ir=dump_ir)
-    r = compile_model(opts, log=click.echo)
+    r = compile_model(opts)
     peak = max(r["peak_rss_mb"].values(), default=0)
     if "deploy" in r:  # library-only output
         click.echo(f"wrote {r['output']} (model library only, {sum(r['seconds'].values()):.1f} s, peak RSS "
@@ -149,8 +150,8 @@ def convert_weight_cmd(model_dir, quantization, target, output, overwrite, as_js
 
     if target is not None:
         get_target(target)  # an unknown target is still an error
-    r = convert_weight(_model_dir(model_dir), quantization, output, overwrite, log=(lambda *_: None) if as_json
-                       else click.echo)
+    with quiet_logs() if as_json else contextlib.nullcontext():
+        r = convert_weight(_model_dir(model_dir), quantization, output, overwrite)
     if as_json:
         click.echo(to_json(r))
     else:
@@ -171,8 +172,9 @@ def gen_config_cmd(model_dir, quantization, context_window, prefill_chunk, max_b
     artifact folder.  Memory: reads config.json only (well under 1 GiB)."""
     from blockffn.compiler.gen_config import gen_config
 
-    r = gen_config(_model_dir(model_dir), quantization, output, context_window, prefill_chunk, max_batch_size,
-                   overwrite, log=lambda *_: None)
+    with quiet_logs():
+        r = gen_config(_model_dir(model_dir), quantization, output, context_window, prefill_chunk, max_batch_size,
+                       overwrite)
     _report(r, "mlc-chat-config.json")
 
 

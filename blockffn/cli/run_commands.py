@@ -10,7 +10,7 @@ import click
 
 from blockffn import default_model_path
 from blockffn.errors import BlockFFNError
-from blockffn.cli.base import _model_dir, cli, to_json
+from blockffn.cli.base import _model_dir, cli, quiet_logs, to_json
 from blockffn.validation import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, TOP_P, Number,
                                  OptionError, utf8_text, writable_file)
 
@@ -76,8 +76,8 @@ def _artifact(path, device: str) -> Path:
         from blockffn.compiler.compile import CompileOptions, compile_model
 
         click.echo(f"compiling the bundled model for {device} (once; cached in {out})", err=True)
-        compile_model(CompileOptions(model_dir=default_model_path(), target=device, output=out, overwrite=True),
-                      log=lambda *_: None)
+        with quiet_logs():
+            compile_model(CompileOptions(model_dir=default_model_path(), target=device, output=out, overwrite=True))
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import datetime
 import json
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from blockffn.errors import BlockFFNError
 from blockffn.model.checkpoint import load_model
 from blockffn.outputs import atomic_output_dir
 from blockffn.relax_passes.add_dense_twins import DENSE_SUFFIX as DENSE_TWIN_SUFFIX
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["CompileOptions", "PhaseTimer", "build_library", "compile_model", "load_compile_config"]
 
@@ -59,7 +62,7 @@ class BuiltLibrary:
 
 
 def build_library(opts: CompileOptions, cfg, preset, target, dtype: str, context: int, prefill_chunk: int,
-                  prefix: str | None, timer: "PhaseTimer", scheme=None, tuning=None, log=print,
+                  prefix: str | None, timer: "PhaseTimer", scheme=None, tuning=None,
                   library: dict | None = None) -> BuiltLibrary:
     """Relax model -> blockffn pipeline (sparse lowering, schedules, metadata) -> VM executable for ``target``.
     ``library`` (see `library_manifest`) is embedded in ``_metadata`` so the library alone tells the runtime which
@@ -118,13 +121,13 @@ def build_library(opts: CompileOptions, cfg, preset, target, dtype: str, context
                        "union_chunk": {f: c for f, c in sparse_fns.items() if c is not None},
                        "dense_twins": {f: f + DENSE_TWIN_SUFFIX for f in sparse_fns}}
     executable, functions, pass_names = lower_and_build(mod, metadata, bounds, preset, target, prefix, timer,
-                                                        graph_passes, tuning=tuning, log=log,
+                                                        graph_passes, tuning=tuning,
                                                         cuda_graph=opts.cuda_graph, dump_ir=opts.dump_ir)
     return BuiltLibrary(executable, functions, named_params, metadata, pass_names)
 
 
 def lower_and_build(mod, metadata: dict, bounds: dict, preset, target, prefix: str | None, timer,
-                    graph_passes=(), phase: str = "", tuning=None, log=print, cuda_graph: bool = False,
+                    graph_passes=(), phase: str = "", tuning=None, cuda_graph: bool = False,
                     dump_ir: Path | None = None):
     """Our pipeline (graph passes, schedules, memory plan, `_metadata`) then relax.build; shared by the model
     and its draft head.  With ``tuning`` (blockffn.schedules.tuning.Tuning) the pipeline stops after legalization,
@@ -158,7 +161,7 @@ def lower_and_build(mod, metadata: dict, bounds: dict, preset, target, prefix: s
             with target:
                 mod = front(mod)
         with timer(phase + "tune"):
-            tuning.tune(mod, target, log)
+            tuning.tune(mod, target)
 
         @tvm.transform.module_pass(opt_level=0, name="RecordTunedKernels")
         def record_tuning(m, _ctx):  # the applied kernels are known once the database pass ran
@@ -208,9 +211,9 @@ def _cuda_graph_context(enabled: bool):
                                      instruments=list(current.instruments))
 
 
-def _build(plan: CompilePlan, timer: PhaseTimer, log) -> BuiltLibrary:
+def _build(plan: CompilePlan, timer: PhaseTimer) -> BuiltLibrary:
     return build_library(plan.opts, plan.cfg, plan.preset, plan.target, plan.dtype, plan.context, plan.prefill_chunk,
-                         plan.prefix, timer, plan.scheme, plan.tuning, log, library=plan.library)
+                         plan.prefix, timer, plan.scheme, plan.tuning, library=plan.library)
 
 
 def _report(plan: CompilePlan, timer: PhaseTimer, built: BuiltLibrary, **extra) -> dict:
@@ -224,12 +227,12 @@ def _export(plan: CompilePlan, executable, path: Path) -> None:
     executable.export_library(str(path), **({"fcompile": plan.fcompile} if plan.fcompile else {}))
 
 
-def _write_library_only(plan: CompilePlan, timer: PhaseTimer, log) -> dict:
+def _write_library_only(plan: CompilePlan, timer: PhaseTimer) -> dict:
     """The library alone (MLC's ``model_lib``), with its DEPLOY note beside it."""
     from blockffn.artifacts.deploy import deploy_text
     from blockffn.compiler.library_output import write_library
 
-    built = _build(plan, timer, log)
+    built = _build(plan, timer)
     manifest = layout.manifest_from_metadata(built.metadata, plan.lib_name)
     with timer("export_library"):
         note = write_library(built.executable, plan.output, plan.fcompile,
@@ -237,7 +240,7 @@ def _write_library_only(plan: CompilePlan, timer: PhaseTimer, log) -> dict:
     return _report(plan, timer, built, deploy=str(note), param_bytes=0)
 
 
-def _build_draft(plan: CompilePlan, timer: PhaseTimer, out: Path, log) -> dict | None:
+def _build_draft(plan: CompilePlan, timer: PhaseTimer, out: Path) -> dict | None:
     """The EAGLE draft head's library and weights into ``out/draft`` (its manifest entry), if the model has one."""
     draft_src = draft_source(plan.opts.draft, plan.model_dir)
     if draft_src is None:
@@ -258,10 +261,10 @@ def _build_draft(plan: CompilePlan, timer: PhaseTimer, out: Path, log) -> dict |
 
     # the draft predicts over the target's LM-head rows, so the (small) draft-carrying model is loaded
     return build_draft(draft_src, load_model(plan.model_dir, dtype="float32"), plan.target, plan.preset.name,
-                       plan.dtype, out / DRAFT_FOLDER, build_draft_library, log, opts.max_batch_size, plan.context)
+                       plan.dtype, out / DRAFT_FOLDER, build_draft_library, opts.max_batch_size, plan.context)
 
 
-def _write_artifact(plan: CompilePlan, timer: PhaseTimer, log) -> dict:
+def _write_artifact(plan: CompilePlan, timer: PhaseTimer) -> dict:
     """Library + streamed weights + draft + mlc-chat-config.json + manifest, built in a temp folder and renamed
     into place only when complete."""
     from blockffn.artifacts.deploy import deploy_text
@@ -270,12 +273,12 @@ def _write_artifact(plan: CompilePlan, timer: PhaseTimer, log) -> dict:
 
     opts = plan.opts
     with atomic_output_dir(plan.output, overwrite=opts.overwrite, kind="artifact") as tmp:
-        built = _build(plan, timer, log)
+        built = _build(plan, timer)
         with timer("export_library"):
             _export(plan, built.executable, tmp / plan.lib_name)
         with timer("weights"):
             cache = write_weights(plan.model_dir, plan.cfg, opts.quantization, tmp, plan.source)
-        draft_entry = _build_draft(plan, timer, tmp, log)
+        draft_entry = _build_draft(plan, timer, tmp)
         write_chat_config(plan.cfg, opts.quantization, plan.context, plan.prefill_chunk, opts.max_batch_size, tmp)
         manifest = layout.manifest_from_metadata(built.metadata, plan.lib_name)
         manifest.update(**library_fields(tmp / plan.lib_name),
@@ -288,12 +291,12 @@ def _write_artifact(plan: CompilePlan, timer: PhaseTimer, log) -> dict:
     return _report(plan, timer, built, param_bytes=sum(r["nbytes"] for r in param_records(cache)))
 
 
-def compile_model(opts: CompileOptions, log=print) -> dict:
+def compile_model(opts: CompileOptions) -> dict:
     """Compile into an artifact folder (library + streamed weights + mlc-chat-config.json, the three steps of
     `convert-weight` / `gen-config` / library build in one), or, when ``opts.output`` names a library file
     (``.so``/``.tar``/``.dylib``), into that library alone (MLC's ``model_lib``; only the config is read) with a
     DEPLOY note beside it.  The plan (every check) comes first; then the build and the writing steps."""
     plan = plan_compile(opts)
-    timer = PhaseTimer(log)
-    log(f"compiling {plan.model_dir} for {plan.preset.name} ({opts.quantization}) -> {plan.output}")
-    return (_write_library_only if plan.library_only else _write_artifact)(plan, timer, log)
+    timer = PhaseTimer()
+    logger.info(f"compiling {plan.model_dir} for {plan.preset.name} ({opts.quantization}) -> {plan.output}")
+    return (_write_library_only if plan.library_only else _write_artifact)(plan, timer)

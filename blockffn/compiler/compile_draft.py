@@ -8,6 +8,7 @@ leaves no artifact behind.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ from blockffn.artifacts.layout import DRAFT_FORMAT, DRAFT_MANIFEST
 from blockffn.artifacts.weights import to_numpy, write_tensor_cache
 from blockffn.errors import BlockFFNError
 
+logger = logging.getLogger(__name__)
+
 
 def draft_head_rows(draft, target_model):
     """The target LM-head rows the draft predicts over (all rows, or ``d2t`` for a reduced vocabulary)."""
@@ -25,7 +28,7 @@ def draft_head_rows(draft, target_model):
     return head if draft.d2t is None else head[draft.d2t]
 
 
-def build_draft(draft_dir: Path, target_model, target, target_name: str, dtype: str, out: Path, build_library, log,
+def build_draft(draft_dir: Path, target_model, target, target_name: str, dtype: str, out: Path, build_library,
                 max_batch_size: int, context_window: int) -> dict:
     """Compile ``draft_dir`` for ``target`` into ``out`` (created).  ``build_library(mod, metadata, name, out)``
     is the model's own build step (pipeline, relax.build, export with the target's linker); returns the manifest
@@ -50,7 +53,7 @@ def build_draft(draft_dir: Path, target_model, target, target_name: str, dtype: 
     metadata = {"model_type": "eagle", "kv_state_kind": "kv_cache", "max_batch_size": max_batch_size,
                 "context_window_size": context_window, "params": [
                     {"name": n, "shape": list(t.shape), "dtype": dtype} for n, t in tensors.items()]}
-    log(f"  draft head {draft_dir} ({sum(t.size for t in tensors.values()) / 1e6:.2f}M parameters)")
+    logger.info(f"  draft head {draft_dir} ({sum(t.size for t in tensors.values()) / 1e6:.2f}M parameters)")
     lib_name, functions = build_library(mod, metadata, out)
     write_tensor_cache(tensors, out)
     (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")

@@ -13,6 +13,7 @@ cache's ``metadata`` so the runtime can refuse a library built for other weights
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from blockffn.errors import BlockFFNError
 from blockffn.model.checkpoint import TOKENIZER_FILES, checkpoint_sha256
 from blockffn.model.tensor_source import TensorSource
 from blockffn.model.config import BlockFFNConfig
+
+logger = logging.getLogger(__name__)
 
 ROWS_PER_BLOCK = 8192  # rows converted at a time: bounds the fp32 temporaries of a large embedding / LM head
 
@@ -135,17 +138,17 @@ def param_bytes(cache: dict) -> int:
 WEIGHT_FILES = ("params_shard_*.bin", layout.TENSOR_CACHE, layout.LEGACY_TENSOR_CACHE)
 
 
-def convert_weight(model_dir: Path, quantization: str, output: Path, overwrite: bool = False, log=print) -> dict:
+def convert_weight(model_dir: Path, quantization: str, output: Path, overwrite: bool = False) -> dict:
     """`blockffn convert-weight`: stream ``model_dir``'s checkpoint into ``output``'s tensor cache (the folder may
     already hold a chat config or libraries; only weight files are replaced, and only with ``overwrite``)."""
     from blockffn.compiler.resources import PhaseTimer
     from blockffn.outputs import files_into_dir
 
     layout.storage_dtype(quantization)  # one-line refusal of an unknown --dtype
-    timer = PhaseTimer(log)
+    timer = PhaseTimer()
     with timer("read config"):
         cfg = BlockFFNConfig.load(Path(model_dir) / "config.json")
-    log(f"converting {model_dir} to {quantization} -> {output}")
+    logger.info(f"converting {model_dir} to {quantization} -> {output}")
     with files_into_dir(output, overwrite, owned=WEIGHT_FILES,
                         last=(layout.TENSOR_CACHE, layout.LEGACY_TENSOR_CACHE)) as tmp:
         with timer("weights"):

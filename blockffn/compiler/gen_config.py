@@ -27,7 +27,7 @@ def write_chat_config(cfg: BlockFFNConfig, quantization: str, context: int, pref
 
 
 def gen_config(model_dir: Path, quantization: str, output: Path, context_window: int | None = None,
-               prefill_chunk: int | None = None, max_batch_size: int = 8, overwrite: bool = False, log=print) -> dict:
+               prefill_chunk: int | None = None, max_batch_size: int = 8, overwrite: bool = False) -> dict:
     """`blockffn gen-config`: ``mlc-chat-config.json`` + tokenizer files into ``output`` (which may already hold
     weights or libraries)."""
     from blockffn.compiler.resources import PhaseTimer
@@ -35,7 +35,7 @@ def gen_config(model_dir: Path, quantization: str, output: Path, context_window:
     from blockffn.outputs import files_into_dir
 
     layout.storage_dtype(quantization)
-    timer = PhaseTimer(log)
+    timer = PhaseTimer()
     cfg = BlockFFNConfig.load(Path(model_dir) / "config.json")
     context = context_window or cfg.max_position_embeddings
     if not 0 < context <= cfg.max_position_embeddings:

@@ -3,6 +3,7 @@ report), so users can size the machine that compiles official-size models."""
 
 from __future__ import annotations
 
+import logging
 import resource
 import sys
 import time
@@ -14,11 +15,14 @@ def peak_rss_mb() -> float:
     return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
 
 
+logger = logging.getLogger(__name__)
+
+
 class PhaseTimer:
     """Logs each phase with its wall time and the process's peak RSS when it ended."""
 
-    def __init__(self, log):
-        self.log, self.times, self.peak_rss_mb = log, {}, {}
+    def __init__(self):
+        self.times, self.peak_rss_mb = {}, {}
         self.pipeline_phases: dict[str, float] = {}  # seconds of each pipeline phase (inside the "passes" time)
 
     def __call__(self, name: str):
@@ -32,7 +36,7 @@ class PhaseTimer:
                 if exc_type is None:
                     timer.times[name] = round(time.perf_counter() - self.t0, 3)
                     timer.peak_rss_mb[name] = peak_rss_mb()
-                    timer.log(f"  {name:<15} {timer.times[name]:7.2f} s   peak RSS {timer.peak_rss_mb[name]:8.1f} MiB")
+                    logger.info(f"  {name:<15} {timer.times[name]:7.2f} s   peak RSS {timer.peak_rss_mb[name]:8.1f} MiB")
                 return False
 
         return _Phase()

@@ -11,22 +11,17 @@ import torch
 
 from blockffn.errors import BlockFFNError
 from blockffn.model.modeling import BlockFFNForCausalLM, KVCache
+from blockffn.model.speculative import sampling_probs
 from blockffn.sampling_params import SamplingParams  # noqa: F401 - re-exported (the PyTorch path's options)
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
-    """One token from a [V] logit vector."""
+    """One token from a [V] logit vector: the distribution of `blockffn.model.speculative.sampling_probs` (one
+    temperature softmax and one top-p, `blockffn.nucleus`, for every path), drawn with torch's generator."""
     if params.greedy or params.temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        before = torch.cat([sorted_p.new_zeros(1), torch.cumsum(sorted_p, 0)[:-1]])  # exclusive: no rounding slack
-        keep = before < params.top_p  # (as blockffn.nucleus.top_p_filter)
-        keep[0] = True  # the top token always (also at top_p <= 0)
-        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+    probs = sampling_probs(logits.detach().float().cpu().numpy(), params.temperature, params.top_p)
+    return int(torch.multinomial(torch.from_numpy(probs), 1, generator=gen))
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, PyExprVisitor, mutator, visitor
 
+from blockffn.relax_passes.graph_match import Graph, NoMatch
 from blockffn.schedules import sparse_gpu
 
 BLOCKFFN_SUBROUTINE = "BlockFFN"  # name prefix of the Relax functions that hold one BlockFFN layer (the frontends'
@@ -37,10 +38,69 @@ SPARSE_SUFFIX = "_sparse"  # contract with this pass: blockffn.compiler.relax_mo
 
 
 def blockffn_functions(mod: tvm.IRModule) -> dict:
-    """GlobalVars of the dense BlockFFN subroutines in ``mod``."""
-    return {gv: f for gv, f in mod.functions.items()
-            if isinstance(f, relax.Function) and gv.name_hint.startswith(BLOCKFFN_SUBROUTINE)
-            and SPARSE_SUFFIX not in gv.name_hint and len(f.params) in (5, 7)}
+    """GlobalVars of the dense BlockFFN subroutines in ``mod``: the functions a frontend marked with the
+    ``BlockFFN`` name prefix, each checked to compute exactly the dense layer this pass replaces (a marked function
+    that does not is a frontend bug, refused rather than silently lowered or left dense)."""
+    found = {}
+    for gv, f in mod.functions.items():
+        if not (isinstance(f, relax.Function) and gv.name_hint.startswith(BLOCKFFN_SUBROUTINE)
+                and SPARSE_SUFFIX not in gv.name_hint):
+            continue
+        why = dense_body_mismatch(f)
+        if why is not None:
+            raise ValueError(f"{gv.name_hint} is marked as a BlockFFN layer but {why}")
+        found[gv] = f
+    return found
+
+
+def dense_body_mismatch(func: relax.Function) -> str | None:
+    """None when ``func`` computes the dense BlockFFN over its own parameters, else what differs.  The precondition
+    of the lowering, stated as structure:
+
+        (x, router [E, d], router_norm [E], up [E·De, d], down_t [E·De, d])       fp weights, or
+        (x, router, router_norm, up_q, up_s, down_q, down_s)                      q4 experts (call_tir kernels)
+        gate = rms_norm(relu(matmul(x, permute_dims(router))), router_norm)
+        h    = silu(matmul(x, permute_dims(up)))            | silu(call_tir(up kernel, x, up_q, up_s))
+        out  = matmul(reshape(reshape(h) * reshape(gate)), down_t) | call_tir(down kernel, that, down_q, down_s)
+    """
+    params = list(func.params)
+    if len(params) not in (5, 7):
+        return f"has {len(params)} parameters, not 5 (fp experts) or 7 (q4 experts)"
+    x, router, norm, *experts = params
+    g = Graph(func)
+
+    def weight(expr, param, transposed: bool) -> None:
+        if transposed:
+            expr = g.call(expr, "relax.permute_dims").args[0]
+        if not g.same(expr, param):
+            raise NoMatch(f"does not read {param.name} where the layer reads it")
+
+    def expert_call(expr, inputs):
+        if len(experts) == 2:
+            mm = g.call(expr, "relax.matmul")
+            weight(mm.args[1], inputs[1], transposed=inputs[1] is experts[0])
+            return mm.args[0]
+        call = g.call(expr, "relax.call_tir")
+        fields = list(call.args[1].fields)
+        if len(fields) != 3 or not all(g.same(a, b) for a, b in zip(fields[1:], inputs[1:])):
+            raise NoMatch("a q4 expert kernel does not read its own weight and scale")
+        return fields[0]
+
+    try:
+        out = g.value(func.body.body)
+        down_in = expert_call(out, (None, experts[-1]) if len(experts) == 2 else (None, *experts[2:]))
+        hr, ge = g.call(g.call(down_in, "relax.reshape").args[0], "relax.multiply").args
+        silu_in = g.call(g.call(hr, "relax.reshape").args[0], "relax.nn.silu").args[0]
+        up_in = expert_call(silu_in, (None, experts[0]) if len(experts) == 2 else (None, *experts[:2]))
+        gate = g.call(g.call(ge, "relax.reshape").args[0], "relax.nn.rms_norm")
+        weight(gate.args[1], norm, transposed=False)
+        a0 = g.call(g.call(gate.args[0], "relax.nn.relu").args[0], "relax.matmul")
+        weight(a0.args[1], router, transposed=True)
+        if not (g.same(up_in, x) and g.same(a0.args[0], x)):
+            raise NoMatch("the router and the experts do not both read x")
+    except NoMatch as e:
+        return str(e)
+    return None
 
 
 @visitor

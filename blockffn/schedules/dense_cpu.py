@@ -15,12 +15,16 @@ Both are parallel over output columns (the weight is the big operand: every thre
 
 from __future__ import annotations
 
+import logging
+
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
 from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
+
+logger = logging.getLogger(__name__)
 
 NN_VECTORS = 4  # accumulator vectors per token in the NN kernel (independent FMA chains)
 NN_TILE_BYTES = 64 * 1024  # weight tile (k rows x cols) kept in L2 while every token of the call uses it
@@ -34,7 +38,8 @@ def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
 
     try:
         bits = int(codegen.llvm_get_vector_width(target))
-    except Exception:  # noqa: BLE001 - older LLVM / unknown cpu
+    except Exception as e:  # noqa: BLE001 - older LLVM / unknown cpu
+        logger.warning(f"LLVM cannot tell the vector width of {target} ({type(e).__name__}); assuming 128 bits")
         bits = 128
     return max(4, bits // dtype_bits)
 

@@ -8,6 +8,9 @@ last so every remaining kernel gets threads bound (required on Metal/OpenCL).
 from __future__ import annotations
 
 import contextlib
+import logging
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -47,7 +50,9 @@ def reduction_rules_guarded():
         def apply(self, func, target, tunable):
             try:
                 return original(self, func, target, tunable)
-            except (KeyError, IndexError):
+            except (KeyError, IndexError) as e:
+                logger.warning(f"dlight {type(self).__name__} could not schedule a kernel ({type(e).__name__}: "
+                               f"{e}); the next rule schedules it")
                 return None
 
         return apply

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import time
 from collections import Counter
 from pathlib import Path
 
 from blockffn.errors import BlockFFNError
+
+logger = logging.getLogger(__name__)
 
 DB_FILES = ("database_workload.json", "database_tuning_record.json")  # what ms.database.JSONDatabase writes
 TUNING_PACKAGES = ("psutil", "cloudpickle", "xgboost")  # MetaSchedule's runner, builder pool and cost model
@@ -148,10 +151,10 @@ class Tuning:
         self.max_kernels = max_kernels  # tune only the costliest kernels (flops x uses); tests keep tuning short
         self.applied: list[str] = []  # kernels that got their schedule from the database
 
-    def tune(self, mod, target, log) -> None:
+    def tune(self, mod, target) -> None:
         """Tune the kernels of ``mod`` (legalized, fused) that the database lacks; no-op with 0 trials."""
         if self.trials <= 0:
-            log(f"  tuning database {self.db_dir} (applied only, no tuning)")
+            logger.info(f"  tuning database {self.db_dir} (applied only, no tuning)")
             return
         from tvm.s_tir import meta_schedule as ms
         from tvm_ffi import structural_hash
@@ -168,7 +171,7 @@ class Tuning:
         budgets = self._budgets()
         todo = {name: task for name, task in tasks.items()
                 if max(records[h := structural_hash(task[0])], budgets.get(str(h), 0)) < self.trials}
-        log(f"  tuning {len(todo)} of {len(tasks)} static dense kernels ({len(tasks) - len(todo)} from the "
+        logger.info(f"  tuning {len(todo)} of {len(tasks)} static dense kernels ({len(tasks) - len(todo)} from the "
             f"database), {self.trials} trials each -> {self.db_dir}")
         if not todo:
             return
@@ -189,7 +192,7 @@ class Tuning:
                           database=self.database)
         budgets.update({str(structural_hash(m)): self.trials for m, _ in todo.values()})
         self._save_budgets(budgets)
-        log(f"  tuned {len(todo)} kernels in {time.perf_counter() - t0:.1f} s")
+        logger.info(f"  tuned {len(todo)} kernels in {time.perf_counter() - t0:.1f} s")
 
     BUDGETS = "blockffn-trials.json"  # kernel workload hash -> trials it was given (beside MetaSchedule's files)
 
