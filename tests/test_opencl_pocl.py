@@ -50,7 +50,7 @@ def test_every_android_kernel_compiles_with_the_opencl_driver(device, target, qu
     built = build_library(CompileOptions(model_dir=default_model_path(), target=target, quantization=quantization),
                           cfg, preset, preset.tvm_target(), storage_dtype(quantization), 256, 64,
                           system_lib_prefix("blockffn-tiny", quantization),
-                          PhaseTimer(lambda *_: None))
+                          PhaseTimer())
     (source,) = opencl_sources(built.executable.mod)
     programs = kernel_programs(source)
     assert len(programs) == len(set(kernel_names(source))) > 20  # model, KV-cache, sparse-FFN, sampling kernels
