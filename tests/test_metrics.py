@@ -40,6 +40,7 @@ def test_metrics_match_set_arithmetic(s):
     assert got["tls"] == pytest.approx(tls)
     assert got["cls"][str(s)] == pytest.approx(cls)
     assert got["reuse"] == pytest.approx(reuse)
+    assert stats.per_layer()["active"][0] == pytest.approx(act.sum() / T)  # experts active per token
 
 
 def test_identical_consecutive_tokens_give_full_reuse_and_cls_equal_tls():

@@ -118,3 +118,11 @@ def test_torchrun_two_processes_on_cpu(corpus, tmp_path):
         [k for k in r0["params"] if not torch.equal(r0["params"][k], r1["params"][k])][:3]
     saved = load_model(out / "model", dtype="float32").state_dict()
     assert all(torch.equal(saved[k], v) for k, v in r0["params"].items())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a machine without a GPU")
+def test_train_on_cuda_without_a_gpu_is_refused_in_one_line(corpus, tmp_path):
+    args = ["train", "--data", corpus / "data", "--output", tmp_path / "run", "--device", "cuda", "--steps", 1]
+    r = subprocess.run([sys.executable, "-m", "blockffn.cli", *map(str, args)], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "--device cpu" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()

@@ -14,6 +14,8 @@ from blockffn.cli.base import _model_dir, _floats, cli, to_json
 from blockffn.validation import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, Number,
                                  Range)
 
+TRAIN_DEVICES = ("auto", "cpu", "cuda")  # as blockffn.train.device.DEVICES (not imported: it needs torch)
+
 # option types (blockffn.validation): NaN, infinities and out-of-range values are refused while parsing (exit 2)
 COUNT, COUNT0 = Number(POSITIVE_INT), Number(NON_NEGATIVE_INT)
 RATE, WEIGHT = Number(POSITIVE), Number(NON_NEGATIVE)
@@ -115,10 +117,13 @@ def init_cmd(preset, output, layers, vocab_size, dtype, shard_size_mb, seed, tok
 @click.option("--time-budget", type=RATE, default=None, help="Stop after this many seconds (lr decays to it).")
 @click.option("--seed", type=Number(SEED), default=0, show_default=True)
 @click.option("--threads", type=COUNT, default=None, help="torch threads per process.")
-@click.option("--autocast", type=click.Choice(["none", "bf16"]), default="none", show_default=True)
+@click.option("--device", type=click.Choice(TRAIN_DEVICES), default="auto", show_default=True,
+              help="auto: the GPU when torch sees one (under torchrun, GPU LOCAL_RANK), else the CPU.")
+@click.option("--autocast", type=click.Choice(["auto", "none", "bf16"]), default="auto", show_default=True,
+              help="auto: bf16 on a GPU, none on the CPU (where bf16 was measured slower).")
 def train_cmd(data_dir, output, preset, config_file, layers, steps, batch_size, seq_len, lr, mup, warmup_steps,
               decay_frac, lambda_al, lambda_cs, chunk_len, cs_stable_steps, cs_adjust_every, eval_every, eval_tokens,
-              save_every, time_budget, seed, threads, autocast) -> None:
+              save_every, time_budget, seed, threads, device, autocast) -> None:
     """Train a BlockFFN with LM + activation-locality + adaptive chunk-sparsification losses.
 
     Resumes automatically from OUTPUT/checkpoint.  Scale out with `torchrun --nproc_per_node N -m blockffn.cli train`.
@@ -140,7 +145,8 @@ def train_cmd(data_dir, output, preset, config_file, layers, steps, batch_size, 
                      seq_len=seq_len, lr=lr, mup=mup, warmup_steps=warmup_steps, decay_frac=decay_frac,
                      lambda_al=lambda_al, lambda_cs=lambda_cs, chunk_len=chunk_len, cs_stable_steps=cs_stable_steps,
                      cs_adjust_every=cs_adjust_every, eval_every=eval_every, eval_tokens=eval_tokens,
-                     save_every=save_every, time_budget=time_budget, seed=seed, threads=threads, autocast=autocast)
+                     save_every=save_every, time_budget=time_budget, seed=seed, threads=threads, autocast=autocast,
+                     device=device)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -183,9 +189,11 @@ def train_cmd(data_dir, output, preset, config_file, layers, steps, batch_size, 
               show_default=True)
 @click.option("--seed", type=Number(SEED), default=0, show_default=True)
 @click.option("--threads", type=COUNT, default=None, help="torch threads.")
+@click.option("--device", type=click.Choice(TRAIN_DEVICES), default="auto", show_default=True,
+              help="auto: the GPU when torch sees one, else the CPU.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 def train_draft_cmd(target_dir, texts, more_texts, output, steps, time_budget, lr, batch_size, seq_len, warmup_steps,
-                    draft_vocab_size, holdout_fraction, dtype, seed, threads, overwrite) -> None:
+                    draft_vocab_size, holdout_fraction, dtype, seed, threads, device, overwrite) -> None:
     """Train an EAGLE draft head on a frozen target's hidden states (feature regression + target-distribution CE).
 
     Example: blockffn train-draft --text corpus/*.txt.xz --output draft --time-budget 20 --threads 1
@@ -199,7 +207,7 @@ def train_draft_cmd(target_dir, texts, more_texts, output, steps, time_budget, l
                           warmup_steps=warmup_steps, draft_vocab_size=draft_vocab_size,
                           holdout_fraction=holdout_fraction,
                           time_budget=time_budget * 60 if time_budget is not None else None, dtype=dtype,
-                          overwrite=overwrite, seed=seed, threads=threads)
+                          overwrite=overwrite, seed=seed, threads=threads, device=device)
     check_output(output, overwrite, "model")  # before the training, not after it
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -234,8 +242,10 @@ def train_draft_cmd(target_dir, texts, more_texts, output, steps, time_budget, l
 @click.option("--artifact", "artifact_dir", type=click.Path(path_type=Path), default=None,
               help="Evaluate a compiled artifact instead: ppl/bpb through the TVM library (plain causal windows), "
                    "TLS/CLS through its weights.")
+@click.option("--device", type=click.Choice(TRAIN_DEVICES), default="cpu", show_default=True,
+              help="Where the PyTorch model runs (auto: the GPU when torch sees one).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_cmd(model_dir, text_file, seq_len, max_tokens, sparse, quantization, artifact_dir, as_json) -> None:
+def eval_cmd(model_dir, text_file, seq_len, max_tokens, sparse, quantization, artifact_dir, device, as_json) -> None:
     """Perplexity, bits per byte, TLS, CLS_s (s = 1..64) and reuse ratio on a text file.
 
     Example: blockffn eval --artifact dist/blockffn-tiny-q4f16_1-cpu --text heldout.txt --max-tokens 2048
@@ -269,6 +279,9 @@ def eval_cmd(model_dir, text_file, seq_len, max_tokens, sparse, quantization, ar
             from blockffn.compiler.quantization import SCHEMES, fake_quantize_model
 
             fake_quantize_model(model, SCHEMES[quantization])
+        from blockffn.train.device import training_device
+
+        model.to(training_device(device))
         r = evaluate(model, split, seq_len, max_tokens, bytes_per_token=n_bytes / len(split.tokens), sparse=sparse)
     model_dir = source
     if as_json:

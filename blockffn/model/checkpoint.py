@@ -227,7 +227,7 @@ def state_dict_for_save(model: BlockFFNForCausalLM) -> dict[str, torch.Tensor]:
     sd = model.state_dict()
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
-    return {k: v.detach() for k, v in sd.items()}
+    return {k: v.detach().cpu() for k, v in sd.items()}
 
 
 def save_model(model: BlockFFNForCausalLM, folder: str | Path, dtype: str | torch.dtype = "bfloat16",

@@ -279,7 +279,7 @@ def save_draft(draft: EagleDraftHead, folder: str | Path, dtype: str | torch.dty
     dt = resolve_dtype(dtype)
     cfg = dataclasses.replace(draft.config, torch_dtype={torch.float32: "float32", torch.float16: "float16",
                                                          torch.bfloat16: "bfloat16"}[dt])
-    tensors = {k: (v.to(dt) if v.is_floating_point() else v).detach().contiguous()
+    tensors = {k: (v.to(dt) if v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in draft.state_dict().items()}
     with atomic_output_dir(folder, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")

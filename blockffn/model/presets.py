@@ -25,6 +25,12 @@ PRESETS: dict[str, dict] = {
                  num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32,
                  v_head_dim=64, num_experts=16, expert_size=64, intermediate_size=1024, vocab_size=4096,
                  max_position_embeddings=1024),
+    # The bundled default model since 2026-12 (12.2M parameters, 24.4 MB in bf16): "tiny" widened to d 384 and
+    # 24 experts, trained on a GPU; "tiny" stays the small shape of random-weight tests.
+    "mini": dict(attention_type="mla", hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
+                 num_key_value_heads=6, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32,
+                 v_head_dim=64, num_experts=24, expert_size=64, intermediate_size=1536, vocab_size=4096,
+                 max_position_embeddings=1024),
     # GQA counterpart of "tiny" (same FFN), used by tests of the GQA family.
     "tiny-gqa": dict(attention_type="vanilla", hidden_size=256, num_hidden_layers=6, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=64, num_experts=16, expert_size=64, intermediate_size=1024,

@@ -22,6 +22,7 @@ from blockffn.data.prepare import PackedSplit, load_tokenizer, pack, read_docume
 from blockffn.errors import DataError
 from blockffn.model.checkpoint import load_model
 from blockffn.model.draft import DraftConfig, EagleDraftHead, save_draft
+from blockffn.train.device import to_device, training_device
 from blockffn.train.evaluate import eval_windows, window_batch
 from blockffn.train.trainer import lr_factor
 
@@ -50,6 +51,7 @@ class DraftTrainConfig:
     overwrite: bool = False
     seed: int = 0
     threads: int | None = None
+    device: str = "auto"  # auto | cpu | cuda (see train/device.py)
 
 
 def tokenize_texts(paths: list[str], tok, eos_id: int, holdout_fraction: float) -> tuple[PackedSplit, PackedSplit]:
@@ -83,7 +85,7 @@ def draft_losses(draft: EagleDraftHead, target, batch: dict) -> dict:
     valid = (docs[:, 1:] == docs[:, :-1]).float()  # slot j pairs h_j with x_{j+1}: same document only
     doc_ids = docs[:, :-1]
     t = ids.shape[1] - 1
-    mask = (torch.tril(torch.ones(t, t, dtype=torch.bool))[None, None]
+    mask = (torch.tril(torch.ones(t, t, dtype=torch.bool, device=ids.device))[None, None]
             & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :]))
     pred = draft(ids[:, 1:], h[:, :-1], positions=batch["positions"][:, :-1], mask=mask)
     n = valid.sum().clamp(min=1)
@@ -104,7 +106,8 @@ class DraftTrainer:
         if tc.threads:
             torch.set_num_threads(tc.threads)
         torch.manual_seed(tc.seed)
-        self.target = load_model(tc.target_model, dtype="float32").eval()
+        self.device = training_device(tc.device)
+        self.target = load_model(tc.target_model, dtype="float32").eval().to(self.device)
         for p in self.target.parameters():
             p.requires_grad_(False)
         tok = load_tokenizer(tc.target_model)
@@ -118,7 +121,7 @@ class DraftTrainer:
         if cfg.reduced_vocab:
             self.draft.d2t.copy_(frequency_ranked_vocab(self.train_split.tokens, cfg.vocab_size,
                                                         cfg.draft_vocab_size))
-        self.draft.bind_target(self.target).train()
+        self.draft.to(self.device).bind_target(self.target).train()
         decay = [p for n, p in self.draft.named_parameters() if p.ndim == 2]
         other = [p for n, p in self.draft.named_parameters() if p.ndim != 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
@@ -128,7 +131,7 @@ class DraftTrainer:
     def sample_batch(self, step: int) -> dict:
         rng = np.random.default_rng([self.tc.seed, step])
         starts = rng.integers(0, len(self.train_split.tokens) - self.tc.seq_len - 1, size=self.tc.batch_size)
-        return window_batch(self.train_split, starts, self.tc.seq_len)
+        return to_device(window_batch(self.train_split, starts, self.tc.seq_len), self.device)
 
     def train(self) -> dict:
         tc = self.tc
@@ -174,7 +177,8 @@ class DraftTrainer:
         sums, n = {"v": 0.0, "p": 0.0, "acc": 0.0}, 0
         for i in range(0, len(starts), self.tc.batch_size):
             chunk = starts[i: i + self.tc.batch_size]
-            r = draft_losses(self.draft, self.target, window_batch(self.val_split, chunk, self.tc.seq_len))
+            batch = to_device(window_batch(self.val_split, chunk, self.tc.seq_len), self.device)
+            r = draft_losses(self.draft, self.target, batch)
             for k in sums:
                 sums[k] += r[k].item() * len(chunk)
             n += len(chunk)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from blockffn.data.prepare import PackedSplit
 from blockffn.errors import DataError
+from blockffn.train.device import to_device
 from blockffn.train.metrics import SparsityStats
 
 
@@ -52,9 +53,10 @@ def evaluate(model, split: PackedSplit, seq_len: int = 256, max_tokens: int | No
     if not starts:
         raise DataError(f"evaluation text has {len(split.tokens)} tokens; need more than --seq-len {seq_len}")
     stats = SparsityStats(cfg.num_hidden_layers, cfg.num_experts)
+    device = next(model.parameters()).device
     nll, count = 0.0, 0
     for i in range(0, len(starts), batch_size):
-        batch = window_batch(split, starts[i: i + batch_size], seq_len)
+        batch = to_device(window_batch(split, starts[i: i + batch_size], seq_len), device)
         out = model(batch["input_ids"], positions=batch["positions"], doc_ids=batch["doc_ids"], sparse=sparse)
         loss = F.cross_entropy(out.logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="sum")
         nll += loss.item()

@@ -3,6 +3,7 @@
 * TLS  = fraction of (token, expert) pairs with a zero gate (A0 <= 0).
 * CLS_s = 1 − fraction of (window, expert) pairs where any token of an s-token window activates the expert; windows
   are cut from the valid tokens (the first token of each document dropped), truncated to a multiple of s.
+* active = mean number of active experts per token (= E·(1 − TLS) of a layer).
 * reuse = mean over tokens t (with t+1 in the same document and ≥1 active expert) of |S_t ∩ S_{t+1}| / |S_t|.
 """
 
@@ -27,7 +28,8 @@ class SparsityStats:
     @torch.no_grad()
     def update(self, router_logits: list[torch.Tensor], doc_pos: torch.Tensor) -> None:
         """router_logits: per layer [B, T, E]; doc_pos [B, T] (position inside the document)."""
-        act = torch.stack([a > 0 for a in router_logits])  # [L, B, T, E]
+        act = torch.stack([a > 0 for a in router_logits]).cpu()  # [L, B, T, E]
+        doc_pos = doc_pos.cpu()
         self.active += act.sum(dim=(1, 2, 3)).double().numpy()
         self.tokens += act.shape[1] * act.shape[2]
         for b in range(act.shape[1]):
@@ -54,7 +56,7 @@ class SparsityStats:
         cls = {str(s): (1 - self.union[s] / (self.n_windows[s] * self.E)) if self.n_windows[s]
                else np.full(self.L, np.nan) for s in self.windows}
         reuse = self.reuse_sum / np.maximum(self.reuse_n, 1)
-        return {"tls": tls, "cls": cls, "reuse": reuse}
+        return {"tls": tls, "cls": cls, "reuse": reuse, "active": self.active / max(self.tokens, 1)}
 
     def summary(self) -> dict:
         """Model-level numbers: every (layer, token, expert) pair counts equally, as in the official logging."""

@@ -1,8 +1,9 @@
 """`blockffn train`: LM loss + activation-locality + adaptive chunk-sparsification, µP, DDP, HF checkpoints.
 
 Total loss (research/blockffn.md §4.1):  L = L_lm + λ_al·AL + λ_cs(t)·CS.
-Runs on one process, or under ``torchrun --nproc_per_node N`` (gloo on CPU, nccl on GPU): each rank draws its own
-windows, gradients are averaged by DDP, rank 0 evaluates, logs and writes checkpoints.
+Runs on one process (CPU or GPU), or under ``torchrun --nproc_per_node N`` (gloo on CPU, nccl with one GPU per
+rank): each rank draws its own windows of ``batch_size``, so the global batch is ``batch_size × N``; gradients are
+averaged by DDP, rank 0 evaluates, logs and writes checkpoints.
 Checkpoints are official-format model folders (``OUTPUT/checkpoint``) plus ``trainer_state.pt`` holding only
 tensors and plain numbers (loaded with ``weights_only=True``).
 """
@@ -27,6 +28,7 @@ from blockffn.model.checkpoint import load_model, save_model
 from blockffn.model.config import BlockFFNConfig
 from blockffn.model.modeling import BlockFFNForCausalLM
 from blockffn.outputs import CLAIM, OutputError
+from blockffn.train.device import autocast, to_device, training_device
 from blockffn.train.evaluate import evaluate, window_batch
 from blockffn.train.lambda_scheduler import AdaptiveLambda
 from blockffn.train.losses import activation_locality_loss, chunk_sparsity_loss
@@ -55,7 +57,8 @@ class TrainConfig:
     eval_tokens: int = 65536
     save_every: int = 500
     time_budget: float | None = None  # seconds; stops early (and decays the lr over the budget) when set
-    autocast: str = "none"  # none | bf16 (bf16 autocast measured slower than fp32 on the 2-core CI CPU)
+    autocast: str = "auto"  # auto (bf16 on a GPU, none on the CPU) | none | bf16
+    device: str = "auto"  # auto | cpu | cuda (see train/device.py)
     seed: int = 0
     threads: int | None = None
 
@@ -66,12 +69,12 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def setup_distributed() -> tuple[int, int]:
-    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1)."""
+def setup_distributed(device: torch.device | None = None) -> tuple[int, int]:
+    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1): nccl between GPUs, else gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        gpu = device is not None and device.type == "cuda"
+        dist.init_process_group("nccl" if gpu else "gloo", device_id=device if gpu else None)
     return _dist_info()
 
 
@@ -115,7 +118,8 @@ class Trainer:
         self.log = log
         if Path(tc.output_dir).exists() and not Path(tc.output_dir).is_dir():
             raise OutputError(f"{tc.output_dir}: exists and is not a folder (give a folder for the run)")
-        self.rank, self.world = setup_distributed()
+        self.device = training_device(tc.device)
+        self.rank, self.world = setup_distributed(self.device)
         if tc.threads:
             torch.set_num_threads(tc.threads)
         torch.manual_seed(tc.seed)
@@ -140,15 +144,17 @@ class Trainer:
             if vocab is not None and model_config.vocab_size < vocab:
                 raise DataError(f"model vocab_size {model_config.vocab_size} < tokenizer vocab {vocab}")
             self.model = BlockFFNForCausalLM(model_config).init_weights(tc.seed).train()
+        self.model.to(self.device)
         self.cfg = self.model.config
         self.ddp = self.model
         if self.world > 1:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.opt = torch.optim.AdamW(param_groups(self.model, tc.lr, tc.weight_decay, tc.mup), betas=(0.9, 0.95),
                                      eps=1e-8)
         self.lambda_cs = AdaptiveLambda(tc.lambda_cs, tc.cs_stable_steps, tc.cs_adjust_every)
         if resume:
-            st = torch.load(self.ckpt_dir / "trainer_state.pt", weights_only=True)
+            st = torch.load(self.ckpt_dir / "trainer_state.pt", weights_only=True, map_location=self.device)
             self.opt.load_state_dict(st["optimizer"])
             self.lambda_cs.load_state_dict(st["lambda_cs"])
             self.state = st["state"]
@@ -189,12 +195,11 @@ class Trainer:
         rng = np.random.default_rng([self.tc.seed, self.rank, step])
         hi = len(self.train_split.tokens) - self.tc.seq_len - 1
         starts = rng.integers(0, hi, size=self.tc.batch_size)
-        return window_batch(self.train_split, starts, self.tc.seq_len)
+        return to_device(window_batch(self.train_split, starts, self.tc.seq_len), self.device)
 
     def compute_losses(self, batch: dict) -> dict:
         tc = self.tc
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if tc.autocast == "bf16" else _nullcontext()
-        with ctx:
+        with autocast(self.device, tc.autocast):
             out = self.ddp(batch["input_ids"], positions=batch["positions"], doc_ids=batch["doc_ids"])
         lm = F.cross_entropy(out.logits.float().flatten(0, 1), batch["labels"].flatten())
         al = activation_locality_loss(out.router_logits, batch["doc_pos"]) if tc.lambda_al > 0 else lm.new_zeros(())
@@ -258,7 +263,8 @@ class Trainer:
     def run_eval(self, step: int) -> dict:
         bpt = self.meta.get("val_bytes_per_token")
         r = evaluate(self.model, self.val_split, self.tc.seq_len, self.tc.eval_tokens, bytes_per_token=bpt)
-        r = {k: v for k, v in r.items() if k != "per_layer"}
+        r["per_layer"] = {k: ({s: v2.tolist() for s, v2 in v.items()} if isinstance(v, dict) else v.tolist())
+                          for k, v in r["per_layer"].items()}
         r["step"] = step
         self.log(f"step {step}: val loss {r['loss']:.4f} ppl {r['ppl']:.2f} TLS {r['tls']:.3f} "
                  f"CLS8 {r['cls']['8']:.3f} reuse {r['reuse']:.3f} λ_cs {self.lambda_cs.value:.4f} "
@@ -285,14 +291,6 @@ class Trainer:
         final = self.out / "model"
         save_model(self.model, final, dtype="float32", tokenizer_dir=self.tc.data_dir, overwrite=True,
                    extra_files={"training_summary.json": json.dumps(summary, indent=2, default=float) + "\n"})
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def num_tokens_per_second(history: list[dict], tokens_per_step: int) -> float:
