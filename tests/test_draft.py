@@ -81,7 +81,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, attention):
 @torch.no_grad()
 def test_forward_with_kv_cache_equals_full_forward(target):
     draft = random_draft(target)
-    ids, h = torch.randint(0, 4096, (1, 9)), torch.randn(1, 9, 256) * 0.4
+    ids, h = torch.randint(0, 4096, (1, 9)), torch.randn(1, 9, target.config.hidden_size) * 0.4
     full = draft(ids, h)
     cache = KVCache()
     parts = [draft(ids[:, a:b], h[:, a:b], cache=cache) for a, b in ((0, 5), (5, 6), (6, 9))]

@@ -101,7 +101,9 @@ def test_manifest_records_the_scheme_and_mlc_names(artifacts):
     params = {p["name"]: p for p in m["params"]}
     assert params["model.layers.0.self_attn.o_proj.q_weight"]["dtype"] == "uint32"
     assert params["model.layers.0.self_attn.o_proj.q_scale"]["dtype"] == "float16"
-    assert params["model.layers.0.mlp.down_proj.q_weight"]["shape"] == [16, 256, 8]
+    cfg = json.loads((default_model_path() / "config.json").read_text())  # down_proj: [E, d, De / 8 nibble words]
+    assert params["model.layers.0.mlp.down_proj.q_weight"]["shape"] == [cfg["num_experts"], cfg["hidden_size"],
+                                                                         cfg["expert_size"] // 8]
     assert params["model.layers.0.mlp.router_proj.weight"]["dtype"] == "float16"
     assert "model.layers.0.mlp.up_proj" not in params
     assert art.chat_config["quantization"] == "q4f16_1"
