@@ -22,6 +22,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BLOCKFFN_CACHE", Path.home() / ".cache" / "blockffn"))
 
 
+def bundled_fingerprint() -> str:
+    """Short digest of the bundled model's config and weights.  The compiled cache is keyed by it, so a package update
+    that ships new weights under the same version never runs the library compiled for the old ones."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        with open(default_model_path() / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:12]
+
+
 def default_artifact_path(target: str = "cpu") -> Path:
     """Where commands that run a compiled library (chat, bench) keep the bundled model compiled for ``target``."""
-    return cache_dir() / "artifacts" / f"blockffn-tiny-{__version__}-{target}"
+    return cache_dir() / "artifacts" / f"blockffn-tiny-{__version__}-{bundled_fingerprint()}-{target}"

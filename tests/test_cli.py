@@ -102,3 +102,22 @@ def test_errors_are_one_line(args, needle):
     r = run(*args, check=False)
     assert r.returncode != 0 and needle in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_compiled_cache_follows_the_bundled_weights(tmp_path, monkeypatch):
+    """chat/bench compile the bundled model once into the user cache; new weights under the same package version
+    must get a new cache entry, never the library compiled for the old ones."""
+    import hashlib
+
+    import blockffn
+
+    bundled = blockffn.default_model_path()
+    names = ("config.json", "model.safetensors")
+    digest = hashlib.sha256(b"".join((bundled / n).read_bytes() for n in names)).hexdigest()[:12]
+    assert digest in blockffn.default_artifact_path("cpu").name
+    other = tmp_path / "m"
+    other.mkdir()
+    (other / "config.json").write_bytes((bundled / "config.json").read_bytes())
+    (other / "model.safetensors").write_bytes((bundled / "model.safetensors").read_bytes()[:-1] + b"!")
+    monkeypatch.setattr(blockffn, "default_model_path", lambda: other)
+    assert digest not in blockffn.default_artifact_path("cpu").name
