@@ -23,14 +23,13 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from blockffn.relax_passes.graph_match import Graph as _Graph
-from blockffn.relax_passes.graph_match import NoMatch
+from blockffn.relax_passes.graph_match import Graph, NoMatch
 from blockffn.relax_passes.lower_sparse_ffn import BLOCKFFN_SUBROUTINE
 
 ONNX_SUBROUTINE = BLOCKFFN_SUBROUTINE + "_outlined"
 
 
-def _silu_input(g: _Graph, h):
+def _silu_input(g: Graph, h):
     if g.is_call(h, "relax.nn.silu"):
         return g.call(h, "relax.nn.silu").args[0]
     mul = g.call(h, "relax.multiply")
@@ -40,7 +39,7 @@ def _silu_input(g: _Graph, h):
     raise NoMatch("the expert activation is not SiLU")
 
 
-def _mean_square_eps(g: _Graph, ms_eps, r) -> float:
+def _mean_square_eps(g: Graph, ms_eps, r) -> float:
     """eps of ``ms_eps = mean(r^2, axis=-1) + eps``; raises unless it is over ``r``."""
     add = g.call(ms_eps, "relax.add")
     for ms, eps in g.operands(add):
@@ -63,7 +62,7 @@ def _mean_square_eps(g: _Graph, ms_eps, r) -> float:
     return g.scalar(eps)
 
 
-def _inverse_rms_eps(g: _Graph, inv, r) -> float:
+def _inverse_rms_eps(g: Graph, inv, r) -> float:
     """eps of ``inv = 1 / sqrt(mean(r^2, -1) + eps)`` (or ``rsqrt``)."""
     if g.is_call(inv, "relax.rsqrt"):
         return _mean_square_eps(g, g.call(inv, "relax.rsqrt").args[0], r)
@@ -73,7 +72,7 @@ def _inverse_rms_eps(g: _Graph, inv, r) -> float:
     return _mean_square_eps(g, g.call(div.args[1], "relax.sqrt").args[0], r)
 
 
-def _gate(g: _Graph, gate) -> tuple[object, np.ndarray, float]:
+def _gate(g: Graph, gate) -> tuple[object, np.ndarray, float]:
     """(router input ReLU value, norm weight [E], eps) of ``gate = rmsnorm(relu(a0)) * w``."""
     if g.is_call(gate, "relax.nn.rms_norm"):
         call = g.call(gate, "relax.nn.rms_norm")
@@ -94,7 +93,7 @@ def _gate(g: _Graph, gate) -> tuple[object, np.ndarray, float]:
     raise NoMatch("the gate is not RMSNorm(ReLU(router)) times a weight")
 
 
-def _expert_outputs(g: _Graph, hr):
+def _expert_outputs(g: Graph, hr):
     """(E, De, expert input x, up weight [d, E*De]) of ``hr = reshape(silu(matmul(x, U)), [.., E, De])``."""
     per_expert = g.call(hr, "relax.reshape")
     shape = per_expert.ty.shape.values if per_expert.ty.shape is not None else []
@@ -104,7 +103,7 @@ def _expert_outputs(g: _Graph, hr):
     return int(shape[-2]), int(shape[-1]), up.args[0], g.const(up.args[1])
 
 
-def match_blockffn(g: _Graph, y) -> dict:
+def match_blockffn(g: Graph, y) -> dict:
     """The weights and input of the BlockFFN layer whose output is ``y`` (the down-projection matmul)."""
     down = g.call(y, "relax.matmul")
     w_down = g.const(down.args[1])  # [E*De, d]
@@ -195,7 +194,7 @@ class OutlineBlockFFN:
         return relax.transform.DeadCodeElimination()(mod)
 
     def _plan(self, bb, name: str, func: relax.Function) -> dict:
-        g = _Graph(func)
+        g = Graph(func)
         subroutines = self._subroutines
         replacements, misses = {}, []
         for var, value in g.defs.items():
@@ -220,7 +219,7 @@ class OutlineBlockFFN:
         return replacements
 
 
-def _reads_gated_experts(g: _Graph, matmul: relax.Call) -> bool:
+def _reads_gated_experts(g: Graph, matmul: relax.Call) -> bool:
     """Cheap pre-filter: a matmul of a constant over reshape(multiply(...)) (the down-projection's shape)."""
     try:
         g.const(matmul.args[1])
