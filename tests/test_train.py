@@ -126,3 +126,10 @@ def test_train_on_cuda_without_a_gpu_is_refused_in_one_line(corpus, tmp_path):
     r = subprocess.run([sys.executable, "-m", "blockffn.cli", *map(str, args)], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "--device cpu" in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_device_choices_are_the_trainers():
+    from blockffn.cli.model_commands import TRAIN_DEVICES
+    from blockffn.train.device import DEVICES
+
+    assert TRAIN_DEVICES == DEVICES  # the CLI keeps its own copy so that it imports without torch
