@@ -17,11 +17,6 @@ def _model_dir(path: str | None) -> Path:
     return Path(path) if path else default_model_path()
 
 
-def _floats(values) -> list:
-    """Numbers for JSON output; NaN (a metric with no data, e.g. text shorter than the window) becomes null."""
-    return [None if v != v else float(v) for v in values]
-
-
 def to_json(obj, **kwargs) -> str:
     """Strict JSON (what every parser accepts): NaN and infinities, which ``json.dumps`` writes as bare ``NaN`` /
     ``Infinity``, become null."""

@@ -10,7 +10,7 @@ import click
 
 from blockffn.errors import BlockFFNError
 from blockffn.outputs import check_output
-from blockffn.cli.base import _model_dir, _floats, cli, to_json
+from blockffn.cli.base import _model_dir, cli, to_json
 from blockffn.validation import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, Number,
                                  Range)
 
@@ -285,10 +285,11 @@ def eval_cmd(model_dir, text_file, seq_len, max_tokens, sparse, quantization, ar
         r = evaluate(model, split, seq_len, max_tokens, bytes_per_token=n_bytes / len(split.tokens), sparse=sparse)
     model_dir = source
     if as_json:
+        from blockffn.train.metrics import per_layer_json
+
         out = {"ppl": r["ppl"], "bpb": r["bpb"], "tls": r["tls"], "cls": r["cls"], "reuse": r["reuse"],
                "loss": r["loss"], "tokens": r["tokens"], "quantization": quantization or r.get("quantization"),
-               "per_layer": {k: ({s: _floats(v2) for s, v2 in v.items()} if isinstance(v, dict) else _floats(v))
-                             for k, v in r["per_layer"].items()}}
+               "per_layer": per_layer_json(r["per_layer"])}
         click.echo(to_json(out))
         return
     from rich.console import Console

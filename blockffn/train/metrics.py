@@ -65,3 +65,12 @@ class SparsityStats:
                if self.n_windows[s] else None for s in self.windows}  # None: text shorter than one window
         reuse = float(self.reuse_sum.sum() / max(self.reuse_n.sum(), 1))
         return {"tls": float(tls), "cls": cls, "reuse": reuse}
+
+
+def per_layer_json(per_layer: dict) -> dict:
+    """``SparsityStats.per_layer()`` as plain lists for JSON; NaN (no window of that size in the text) becomes None."""
+    def floats(values):
+        return [None if v != v else float(v) for v in values]
+
+    return {k: ({s: floats(v2) for s, v2 in v.items()} if isinstance(v, dict) else floats(v))
+            for k, v in per_layer.items()}

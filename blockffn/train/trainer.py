@@ -32,6 +32,7 @@ from blockffn.train.device import autocast, to_device, training_device
 from blockffn.train.evaluate import evaluate, window_batch
 from blockffn.train.lambda_scheduler import AdaptiveLambda
 from blockffn.train.losses import activation_locality_loss, chunk_sparsity_loss
+from blockffn.train.metrics import per_layer_json
 
 
 @dataclass
@@ -263,8 +264,7 @@ class Trainer:
     def run_eval(self, step: int) -> dict:
         bpt = self.meta.get("val_bytes_per_token")
         r = evaluate(self.model, self.val_split, self.tc.seq_len, self.tc.eval_tokens, bytes_per_token=bpt)
-        r["per_layer"] = {k: ({s: v2.tolist() for s, v2 in v.items()} if isinstance(v, dict) else v.tolist())
-                          for k, v in r["per_layer"].items()}
+        r["per_layer"] = per_layer_json(r["per_layer"])
         r["step"] = step
         self.log(f"step {step}: val loss {r['loss']:.4f} ppl {r['ppl']:.2f} TLS {r['tls']:.3f} "
                  f"CLS8 {r['cls']['8']:.3f} reuse {r['reuse']:.3f} λ_cs {self.lambda_cs.value:.4f} "
